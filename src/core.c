@@ -1,0 +1,66 @@
+/* enos.core entry point: only luaopen_enos_core lives here. */
+#include <time.h>
+#include <openssl/crypto.h>
+#include <curl/curl.h>
+#include "enos.h"
+
+static int curl_ready = 0;
+
+/* versions() -> {enos=, libcurl=, openssl=, ssl_backend=} */
+static int l_versions(lua_State *L) {
+  curl_version_info_data *ci = curl_version_info(CURLVERSION_NOW);
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, ENOS_VERSION);
+  lua_setfield(L, -2, "enos");
+  lua_pushstring(L, ci && ci->version ? ci->version : "?");
+  lua_setfield(L, -2, "libcurl");
+  lua_pushstring(L, ci && ci->ssl_version ? ci->ssl_version : "none");
+  lua_setfield(L, -2, "libcurl_ssl");
+  lua_pushstring(L, OpenSSL_version(OPENSSL_VERSION));
+  lua_setfield(L, -2, "openssl");
+  lua_pushboolean(L, ci && (ci->features & CURL_VERSION_HTTP2));
+  lua_setfield(L, -2, "http2");
+  return 1;
+}
+
+/* now_ms() -> wall-clock Unix time in ms (the gateway's timestamps) */
+static int l_now_ms(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_REALTIME, &ts) != 0) return luaL_error(L, "enos: clock_gettime failed");
+  lua_pushnumber(L, (lua_Number)ts.tv_sec * 1000 + (lua_Number)(ts.tv_nsec / 1000000));
+  return 1;
+}
+
+/* monotonic_ms() -> a monotonic clock in ms (for durations and deadlines) */
+static int l_monotonic_ms(lua_State *L) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return luaL_error(L, "enos: clock_gettime failed");
+  lua_pushnumber(L, (lua_Number)ts.tv_sec * 1000 + (lua_Number)ts.tv_nsec / 1e6);
+  return 1;
+}
+
+static const luaL_Reg core_funcs[] = {
+  {"versions", l_versions},
+  {"now_ms", l_now_ms},
+  {"monotonic_ms", l_monotonic_ms},
+  {NULL, NULL}
+};
+
+LUALIB_API int luaopen_enos_core(lua_State *L);
+
+LUALIB_API int luaopen_enos_core(lua_State *L) {
+  if (!curl_ready) {
+    if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
+      return luaL_error(L, "enos: curl_global_init failed");
+    curl_ready = 1;
+  }
+  luaL_newlib(L, core_funcs);
+  enos_open_sign(L);
+  enos_open_secret(L);
+  enos_open_easy(L);
+  lua_pushliteral(L, ENOS_VERSION);
+  lua_setfield(L, -2, "_VERSION");
+  lua_pushliteral(L, "enos.core");
+  lua_setfield(L, -2, "_NAME");
+  return 1;
+}

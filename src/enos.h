@@ -1,0 +1,35 @@
+/* enos.core — shared declarations for the C core. */
+#ifndef ENOS_H
+#define ENOS_H
+
+#include <stddef.h>
+#include "compat.h"
+
+#define ENOS_VERSION "0.1.0"
+
+/* Metatable names (dotted, per design.md). */
+#define ENOS_KEY_MT  "enos.key"
+#define ENOS_EASY_MT "enos.easy"
+
+/* util.c */
+void enos_cleanse(void *p, size_t n);
+void enos_free_secret(void *p, size_t n);
+void enos_hex_lower(const unsigned char *in, size_t n, char *out);
+int enos_push_errtable(lua_State *L, const char *kind, const char *message);
+
+/* Module parts: each registers its functions into the table on top of the stack. */
+void enos_open_sign(lua_State *L);
+void enos_open_secret(lua_State *L);
+void enos_open_easy(lua_State *L);
+
+/* easy.c helpers shared with multi.c */
+typedef struct enos_buf {
+  char *data;
+  size_t len, cap, limit;
+  int overflow;
+} enos_buf;
+int enos_buf_append(enos_buf *b, const char *p, size_t n);
+void enos_buf_free(enos_buf *b);
+int enos_push_headers(lua_State *L, const char *raw, size_t len);
+
+#endif

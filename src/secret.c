@@ -1,0 +1,397 @@
+/* Secrets: base64/hex codecs, RSA private keys ("enos.key"), and decryption of
+ * the V2.4 deviceSecret/sessionKey envelope under a named scheme.
+ * Every buffer that held key material or plaintext is cleansed before free. */
+#include <stdlib.h>
+#include <string.h>
+#include <stdio.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/rsa.h>
+#include <openssl/err.h>
+#include "enos.h"
+
+typedef struct {
+  EVP_PKEY *pkey;
+} enos_key;
+
+/* ---- codecs ------------------------------------------------------------ */
+
+static int b64val(unsigned char c, int url) {
+  if (c >= 'A' && c <= 'Z') return c - 'A';
+  if (c >= 'a' && c <= 'z') return c - 'a' + 26;
+  if (c >= '0' && c <= '9') return c - '0' + 52;
+  if (!url && c == '+') return 62;
+  if (!url && c == '/') return 63;
+  if (url && c == '-') return 62;
+  if (url && c == '_') return 63;
+  return -1;
+}
+
+/* Decodes base64 (url = 0: standard alphabet, 1: URL-safe). Padding is
+ * optional, but when present it must be correct; ASCII white space is skipped.
+ * Returns a malloc'd buffer (free with enos_free_secret) or NULL. */
+static unsigned char *b64_decode(const char *s, size_t n, int url, size_t *outlen) {
+  unsigned char *out = malloc(n / 4 * 3 + 3);
+  size_t o = 0, i, pad = 0;
+  unsigned acc = 0;
+  int bits = 0, nchars = 0;
+  if (out == NULL) return NULL;
+  for (i = 0; i < n; i++) {
+    unsigned char c = (unsigned char)s[i];
+    int v;
+    if (c == ' ' || c == '\n' || c == '\r' || c == '\t') continue;
+    if (c == '=') { pad++; continue; }
+    if (pad) goto bad;                       /* data after padding */
+    v = b64val(c, url);
+    if (v < 0) goto bad;
+    acc = (acc << 6) | (unsigned)v;
+    bits += 6;
+    nchars++;
+    if (bits >= 8) {
+      bits -= 8;
+      out[o++] = (unsigned char)(acc >> bits);
+      acc &= (1u << bits) - 1;
+    }
+  }
+  if (nchars % 4 == 1) goto bad;             /* impossible length */
+  if (pad && (nchars + (int)pad) % 4 != 0) goto bad;
+  if (pad > 2) goto bad;
+  if (acc != 0) goto bad;                    /* non-canonical trailing bits */
+  *outlen = o;
+  return out;
+bad:
+  enos_free_secret(out, n / 4 * 3 + 3);
+  return NULL;
+}
+
+static unsigned char *hex_decode(const char *s, size_t n, size_t *outlen) {
+  unsigned char *out;
+  size_t i;
+  if (n % 2 != 0) return NULL;
+  out = malloc(n / 2 + 1);
+  if (out == NULL) return NULL;
+  for (i = 0; i < n; i += 2) {
+    int hi, lo;
+    char a = s[i], b = s[i + 1];
+    hi = (a >= '0' && a <= '9') ? a - '0' : (a >= 'a' && a <= 'f') ? a - 'a' + 10 : (a >= 'A' && a <= 'F') ? a - 'A' + 10 : -1;
+    lo = (b >= '0' && b <= '9') ? b - '0' : (b >= 'a' && b <= 'f') ? b - 'a' + 10 : (b >= 'A' && b <= 'F') ? b - 'A' + 10 : -1;
+    if (hi < 0 || lo < 0) { enos_free_secret(out, n / 2 + 1); return NULL; }
+    out[i / 2] = (unsigned char)(hi * 16 + lo);
+  }
+  *outlen = n / 2;
+  return out;
+}
+
+enum { ENC_BASE64, ENC_BASE64URL, ENC_HEX };
+static const char *const enc_names[] = {"base64", "base64url", "hex", NULL};
+
+static unsigned char *decode_as(int enc, const char *s, size_t n, size_t *outlen) {
+  if (enc == ENC_HEX) return hex_decode(s, n, outlen);
+  return b64_decode(s, n, enc == ENC_BASE64URL, outlen);
+}
+
+/* b64decode(s [, "base64"|"base64url"|"hex"]) -> bytes | nil, message */
+static int l_decode(lua_State *L) {
+  size_t n, outlen = 0;
+  const char *s = luaL_checklstring(L, 1, &n);
+  int enc = luaL_checkoption(L, 2, "base64", enc_names);
+  unsigned char *out = decode_as(enc, s, n, &outlen);
+  if (out == NULL) {
+    lua_pushnil(L);
+    lua_pushfstring(L, "not valid %s", enc_names[enc]);
+    return 2;
+  }
+  lua_pushlstring(L, (const char *)out, outlen);
+  enos_free_secret(out, outlen ? outlen : 1);
+  return 1;
+}
+
+/* b64encode(bytes [, url]) -> text (URL-safe form has no padding) */
+static int l_b64encode(lua_State *L) {
+  static const char std[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+  static const char url[] = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+  size_t n, i;
+  const unsigned char *s = (const unsigned char *)luaL_checklstring(L, 1, &n);
+  int urlsafe = lua_toboolean(L, 2);
+  const char *a = urlsafe ? url : std;
+  luaL_Buffer b;
+  luaL_buffinit(L, &b);
+  for (i = 0; i + 2 < n; i += 3) {
+    unsigned v = (unsigned)s[i] << 16 | (unsigned)s[i + 1] << 8 | s[i + 2];
+    luaL_addchar(&b, a[v >> 18]); luaL_addchar(&b, a[(v >> 12) & 63]);
+    luaL_addchar(&b, a[(v >> 6) & 63]); luaL_addchar(&b, a[v & 63]);
+  }
+  if (n - i == 1) {
+    unsigned v = (unsigned)s[i] << 16;
+    luaL_addchar(&b, a[v >> 18]); luaL_addchar(&b, a[(v >> 12) & 63]);
+    if (!urlsafe) luaL_addstring(&b, "==");
+  } else if (n - i == 2) {
+    unsigned v = (unsigned)s[i] << 16 | (unsigned)s[i + 1] << 8;
+    luaL_addchar(&b, a[v >> 18]); luaL_addchar(&b, a[(v >> 12) & 63]);
+    luaL_addchar(&b, a[(v >> 6) & 63]);
+    if (!urlsafe) luaL_addchar(&b, '=');
+  }
+  luaL_pushresult(&b);
+  return 1;
+}
+
+/* ---- keys ---------------------------------------------------------------- */
+
+static int no_password(char *buf, int size, int rwflag, void *u) {
+  (void)buf; (void)size; (void)rwflag; (void)u;
+  return 0;                                  /* encrypted keys are refused */
+}
+
+/* load_private_key(pem) -> key | nil, message */
+static int l_load_private_key(lua_State *L) {
+  size_t n;
+  const char *pem = luaL_checklstring(L, 1, &n);
+  enos_key *k;
+  BIO *bio;
+  EVP_PKEY *pkey;
+  if (n > 1u << 20) {
+    lua_pushnil(L);
+    lua_pushstring(L, "private key PEM is larger than 1 MiB");
+    return 2;
+  }
+  k = lua_newuserdata(L, sizeof *k);
+  k->pkey = NULL;
+  luaL_getmetatable(L, ENOS_KEY_MT);
+  lua_setmetatable(L, -2);
+  bio = BIO_new_mem_buf(pem, (int)n);
+  if (bio == NULL) return luaL_error(L, "enos: out of memory");
+  pkey = PEM_read_bio_PrivateKey(bio, NULL, no_password, NULL);
+  BIO_free(bio);
+  if (pkey == NULL) {
+    const char *why = strstr(pem, "ENCRYPTED") != NULL
+      ? "private key is encrypted with a passphrase; decrypt it first (openssl pkcs8 -topk8 -nocrypt)"
+      : "not a PEM private key (expected -----BEGIN PRIVATE KEY----- or RSA PRIVATE KEY)";
+    ERR_clear_error();
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  if (EVP_PKEY_get_base_id(pkey) != EVP_PKEY_RSA) {
+    EVP_PKEY_free(pkey);
+    lua_pushnil(L);
+    lua_pushstring(L, "private key is not an RSA key");
+    return 2;
+  }
+  k->pkey = pkey;
+  return 1;
+}
+
+static enos_key *check_key(lua_State *L, int idx) {
+  enos_key *k = luaL_checkudata(L, idx, ENOS_KEY_MT);
+  if (k->pkey == NULL) luaL_argerror(L, idx, "key is closed");
+  return k;
+}
+
+static int key_bits(lua_State *L) {
+  enos_key *k = check_key(L, 1);
+  lua_pushinteger(L, EVP_PKEY_get_bits(k->pkey));
+  return 1;
+}
+
+static int key_tostring(lua_State *L) {
+  enos_key *k = luaL_checkudata(L, 1, ENOS_KEY_MT);
+  if (k->pkey == NULL) lua_pushstring(L, "enos.key (closed)");
+  else lua_pushfstring(L, "enos.key (RSA %d-bit private key)", EVP_PKEY_get_bits(k->pkey));
+  return 1;
+}
+
+static int key_gc(lua_State *L) {
+  enos_key *k = luaL_checkudata(L, 1, ENOS_KEY_MT);
+  if (k->pkey != NULL) {
+    EVP_PKEY_free(k->pkey);                  /* OpenSSL clears RSA bignums on free */
+    k->pkey = NULL;
+  }
+  return 0;
+}
+
+/* ---- decryption ---------------------------------------------------------- */
+
+enum { PAD_PKCS1, PAD_OAEP, PAD_OAEP256 };
+static const char *const pad_names[] = {"pkcs1", "oaep", "oaep-sha256", NULL};
+enum { MODE_ECB, MODE_CBC, MODE_GCM };
+static const char *const mode_names[] = {"ecb", "cbc", "gcm", NULL};
+enum { KF_RAW, KF_BASE64, KF_HEX };
+static const char *const kf_names[] = {"raw", "base64", "hex", NULL};
+
+typedef struct {
+  unsigned char *p;
+  size_t n;
+} sbuf;
+
+static void sbuf_free(sbuf *b) {
+  enos_free_secret(b->p, b->n ? b->n : 1);
+  b->p = NULL;
+  b->n = 0;
+}
+
+static const char *rsa_decrypt(EVP_PKEY *pkey, int pad, const sbuf *in, sbuf *out) {
+  EVP_PKEY_CTX *ctx = EVP_PKEY_CTX_new(pkey, NULL);
+  const char *err = NULL;
+  size_t len = 0;
+  if (ctx == NULL) return "out of memory";
+  if (EVP_PKEY_decrypt_init(ctx) != 1) { err = "RSA decrypt init failed"; goto done; }
+  if (EVP_PKEY_CTX_set_rsa_padding(ctx, pad == PAD_PKCS1 ? RSA_PKCS1_PADDING : RSA_PKCS1_OAEP_PADDING) != 1) {
+    err = "RSA padding not supported"; goto done;
+  }
+  if (pad != PAD_PKCS1) {
+    const EVP_MD *md = pad == PAD_OAEP ? EVP_sha1() : EVP_sha256();
+    if (EVP_PKEY_CTX_set_rsa_oaep_md(ctx, md) != 1 || EVP_PKEY_CTX_set_rsa_mgf1_md(ctx, md) != 1) {
+      err = "RSA OAEP digest not supported"; goto done;
+    }
+  }
+  if (EVP_PKEY_decrypt(ctx, NULL, &len, in->p, in->n) != 1 || len == 0) {
+    err = "sessionKey does not decrypt with this private key and padding"; goto done;
+  }
+  out->p = malloc(len);
+  out->n = len;
+  if (out->p == NULL) { out->n = 0; err = "out of memory"; goto done; }
+  if (EVP_PKEY_decrypt(ctx, out->p, &len, in->p, in->n) != 1) {
+    sbuf_free(out);
+    err = "sessionKey does not decrypt with this private key and padding"; goto done;
+  }
+  if (len < out->n) {                        /* keep n = allocation for cleansing; record length */
+    enos_cleanse(out->p + len, out->n - len);
+  }
+  out->n = len;
+done:
+  EVP_PKEY_CTX_free(ctx);
+  ERR_clear_error();
+  return err;
+}
+
+static const EVP_CIPHER *aes_cipher(int mode, size_t keylen) {
+  switch (mode) {
+    case MODE_ECB: return keylen == 16 ? EVP_aes_128_ecb() : keylen == 24 ? EVP_aes_192_ecb() : EVP_aes_256_ecb();
+    case MODE_CBC: return keylen == 16 ? EVP_aes_128_cbc() : keylen == 24 ? EVP_aes_192_cbc() : EVP_aes_256_cbc();
+    default:       return keylen == 16 ? EVP_aes_128_gcm() : keylen == 24 ? EVP_aes_192_gcm() : EVP_aes_256_gcm();
+  }
+}
+
+static const char *aes_decrypt(int mode, const sbuf *key, const sbuf *in, sbuf *out) {
+  const unsigned char *iv = NULL, *ct = in->p;
+  unsigned char tag[16];
+  size_t ctlen = in->n;
+  EVP_CIPHER_CTX *ctx;
+  const char *err = NULL;
+  int l1 = 0, l2 = 0;
+  if (mode == MODE_CBC) {
+    if (in->n < 32 || in->n % 16) return "deviceSecret has a length that is not IV + AES blocks";
+    iv = in->p; ct = in->p + 16; ctlen = in->n - 16;
+  } else if (mode == MODE_GCM) {
+    if (in->n < 12 + 16 + 1) return "deviceSecret is too short for nonce + data + tag";
+    iv = in->p; ct = in->p + 12; ctlen = in->n - 28;
+    memcpy(tag, in->p + in->n - 16, 16);
+  } else if (in->n == 0 || in->n % 16) {
+    return "deviceSecret has a length that is not whole AES blocks";
+  }
+  if (ctlen > 4096) return "deviceSecret is implausibly long";
+  ctx = EVP_CIPHER_CTX_new();
+  if (ctx == NULL) return "out of memory";
+  out->n = ctlen + 16;
+  out->p = malloc(out->n);
+  if (out->p == NULL) { out->n = 0; err = "out of memory"; goto done; }
+  if (EVP_DecryptInit_ex(ctx, aes_cipher(mode, key->n), NULL, NULL, NULL) != 1) { err = "AES init failed"; goto fail; }
+  if (mode == MODE_GCM && EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_IVLEN, 12, NULL) != 1) { err = "AES-GCM init failed"; goto fail; }
+  if (EVP_DecryptInit_ex(ctx, NULL, NULL, key->p, iv) != 1) { err = "AES init failed"; goto fail; }
+  if (EVP_DecryptUpdate(ctx, out->p, &l1, ct, (int)ctlen) != 1) { err = "AES decryption failed"; goto fail; }
+  if (mode == MODE_GCM &&
+      EVP_CIPHER_CTX_ctrl(ctx, EVP_CTRL_GCM_SET_TAG, 16, tag) != 1) {
+    err = "AES-GCM tag setup failed"; goto fail;
+  }
+  if (EVP_DecryptFinal_ex(ctx, out->p + l1, &l2) != 1) {
+    err = mode == MODE_GCM ? "deviceSecret fails its GCM tag check (wrong key or scheme)"
+                           : "deviceSecret has bad padding after decryption (wrong key or scheme)";
+    goto fail;
+  }
+  enos_cleanse(out->p + l1 + l2, out->n - (size_t)(l1 + l2));
+  out->n = (size_t)(l1 + l2);
+  goto done;
+fail:
+  sbuf_free(out);
+done:
+  EVP_CIPHER_CTX_free(ctx);
+  ERR_clear_error();
+  return err;
+}
+
+/* decrypt_secret(key, sessionKey, deviceSecret, rsa_padding, aes_mode, key_format, encoding)
+ *   -> plaintext | nil, message */
+static int l_decrypt_secret(lua_State *L) {
+  enos_key *k = check_key(L, 1);
+  size_t skn, dsn, i;
+  const char *sk = luaL_checklstring(L, 2, &skn);
+  const char *ds = luaL_checklstring(L, 3, &dsn);
+  int pad = luaL_checkoption(L, 4, "pkcs1", pad_names);
+  int mode = luaL_checkoption(L, 5, "ecb", mode_names);
+  int kf = luaL_checkoption(L, 6, "raw", kf_names);
+  int enc = luaL_checkoption(L, 7, "base64", enc_names);
+  sbuf skraw = {NULL, 0}, kraw = {NULL, 0}, key = {NULL, 0}, ct = {NULL, 0}, pt = {NULL, 0};
+  const char *err = NULL;
+
+  if (skn > 8192 || dsn > 8192) { err = "sessionKey or deviceSecret is implausibly long"; goto done; }
+  skraw.p = decode_as(enc, sk, skn, &skraw.n);
+  if (skraw.p == NULL) { err = enc == ENC_HEX ? "sessionKey is not valid hex" : "sessionKey is not valid base64"; goto done; }
+  if (skraw.n == 0) { err = "sessionKey is empty"; goto done; }
+  err = rsa_decrypt(k->pkey, pad, &skraw, &kraw);
+  if (err) goto done;
+  if (kf == KF_RAW) {
+    key = kraw; kraw.p = NULL; kraw.n = 0;
+  } else {
+    key.p = kf == KF_HEX ? hex_decode((const char *)kraw.p, kraw.n, &key.n)
+                         : b64_decode((const char *)kraw.p, kraw.n, 0, &key.n);
+    if (key.p == NULL) { err = "session key is not the expected text encoding"; goto done; }
+  }
+  if (key.n != 16 && key.n != 24 && key.n != 32) { err = "session key is not 16, 24 or 32 bytes"; goto done; }
+  ct.p = decode_as(enc, ds, dsn, &ct.n);
+  if (ct.p == NULL) { err = enc == ENC_HEX ? "deviceSecret is not valid hex" : "deviceSecret is not valid base64"; goto done; }
+  err = aes_decrypt(mode, &key, &ct, &pt);
+  if (err) goto done;
+  if (pt.n == 0) { err = "decrypted secret is empty"; goto done; }
+  for (i = 0; i < pt.n; i++) {
+    if (pt.p[i] < 0x20 || pt.p[i] > 0x7e) { err = "decrypted secret is not printable text (wrong key or scheme)"; goto done; }
+  }
+done:
+  if (err == NULL) lua_pushlstring(L, (const char *)pt.p, pt.n);
+  sbuf_free(&skraw); sbuf_free(&kraw); sbuf_free(&key); sbuf_free(&ct); sbuf_free(&pt);
+  if (err != NULL) {
+    lua_pushnil(L);
+    lua_pushstring(L, err);
+    return 2;
+  }
+  return 1;
+}
+
+static const luaL_Reg key_methods[] = {
+  {"bits", key_bits},
+  {"close", key_gc},
+  {NULL, NULL}
+};
+
+static const luaL_Reg secret_funcs[] = {
+  {"decode", l_decode},
+  {"b64encode", l_b64encode},
+  {"load_private_key", l_load_private_key},
+  {"decrypt_secret", l_decrypt_secret},
+  {NULL, NULL}
+};
+
+void enos_open_secret(lua_State *L) {
+  luaL_newmetatable(L, ENOS_KEY_MT);
+  lua_pushcfunction(L, key_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_pushcfunction(L, key_tostring);
+  lua_setfield(L, -2, "__tostring");
+  lua_pushstring(L, "enos.key");
+  lua_setfield(L, -2, "__name");
+  lua_pushboolean(L, 0);
+  lua_setfield(L, -2, "__metatable");       /* no access to internals from Lua */
+  luaL_newlib(L, key_methods);
+  lua_setfield(L, -2, "__index");
+  lua_pop(L, 1);
+  luaL_setfuncs(L, secret_funcs, 0);
+}
