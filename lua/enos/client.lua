@@ -1,0 +1,680 @@
+--- The EnOS client: validate → build → sign → send → interpret, written once
+-- over an injected transport (`transport:send(req) -> res | nil, err`).
+-- @module enos.client
+local core = require "enos.core"
+local errors = require "enos.errors"
+local json = require "enos.json"
+local secret = require "enos.secret"
+
+local M = {}
+
+--- Client options (snake_case), with their expected Lua types.
+M.OPTIONS = {
+  endpoint = "string", access_key = "string", secret_key = "string", org_id = "string",
+  private_key = "any", private_key_file = "string", api_version = "string",
+  timeout = "number", connect_timeout = "number", cafile = "string", capath = "string",
+  verify_tls = "boolean", user_agent = "string", transport = "any", clock = "function",
+  allow_insecure_http = "boolean", secret_scheme = "any", max_body = "number",
+  token_cache = "any",
+}
+
+local TOKEN_GET = "/apim-token-service/v2.0/token/get"
+local TOKEN_REFRESH = "/apim-token-service/v2.0/token/refresh"
+local REFRESH_MARGIN_MS = 600 * 1000
+local JSON_CT = "application/json;charset=UTF-8"
+local KEY_PATTERN = "^[A-Za-z0-9_.%-]+$"
+
+local Client = {}
+Client.__index = Client
+Client.__name = "enos.client"
+
+-- ---------------------------------------------------------------- options
+
+local function is_loopback(host)
+  host = host:lower()
+  return host == "localhost" or host:match("^127%.%d+%.%d+%.%d+$") ~= nil or host == "[::1]"
+end
+
+--- Splits an endpoint URL; returns {scheme, host, base} | nil, err.
+function M.parse_endpoint(url, allow_insecure)
+  if type(url) ~= "string" or url == "" then
+    return nil, errors.new("config", "endpoint is required (e.g. https://apim-ppe1.envisioniot.com)", { field = "endpoint" })
+  end
+  local scheme, authority, path = url:match("^(%a[%w+.-]*)://([^/?#]+)([^?#]*)$")
+  if not scheme then
+    return nil, errors.new("config", "endpoint is not an http(s) URL without query: " .. url, { field = "endpoint" })
+  end
+  scheme = scheme:lower()
+  if scheme ~= "https" and scheme ~= "http" then
+    return nil, errors.new("config", "endpoint must use https (or http on loopback): " .. url, { field = "endpoint" })
+  end
+  if authority:find("@", 1, true) then
+    return nil, errors.new("config", "endpoint must not carry user information", { field = "endpoint" })
+  end
+  local host = authority:match("^(%[[^%]]+%])") or authority:match("^([^:]+)")
+  if scheme == "http" and not is_loopback(host) and not allow_insecure then
+    return nil, errors.new("config",
+      "refusing plain http to " .. host .. ": use https, or allow_insecure_http = true", { field = "endpoint" })
+  end
+  path = path:gsub("/+$", "")
+  return { scheme = scheme, host = host, base = scheme .. "://" .. authority .. path }
+end
+
+local function check_options(opts)
+  for k, v in pairs(opts) do
+    local want = M.OPTIONS[k]
+    if want == nil then
+      return nil, errors.new("config", "unknown client option '" .. tostring(k) .. "'", { field = tostring(k) })
+    end
+    if want ~= "any" and type(v) ~= want then
+      return nil, errors.new("config", "client option '" .. k .. "' must be a " .. want, { field = k })
+    end
+  end
+  for _, k in ipairs { "timeout", "connect_timeout" } do
+    if opts[k] ~= nil and not (opts[k] > 0 and opts[k] <= 86400) then
+      return nil, errors.new("config", k .. " must be between 0 and 86400 seconds", { field = k })
+    end
+  end
+  if opts.api_version ~= nil and opts.api_version ~= "v2.4" and opts.api_version ~= "v2.1" then
+    return nil, errors.new("config", "api_version must be \"v2.4\" or \"v2.1\"", { field = "api_version" })
+  end
+  if opts.transport ~= nil and (type(opts.transport) ~= "table" and type(opts.transport) ~= "userdata") then
+    return nil, errors.new("config", "transport must be an object with a send method", { field = "transport" })
+  end
+  return true
+end
+
+--- Creates a client. Returns client | nil, err. Reads the private key file if given.
+function M.new(opts)
+  if type(opts) ~= "table" then error("enos.client: options must be a table", 2) end
+  local ok, err = check_options(opts)
+  if not ok then return nil, err end
+  local ep
+  ep, err = M.parse_endpoint(opts.endpoint, opts.allow_insecure_http)
+  if not ep then return nil, err end
+  local self = setmetatable({
+    endpoint = ep.base,
+    tls = ep.scheme == "https",
+    access_key = opts.access_key,
+    org_id = opts.org_id,
+    api_version = opts.api_version or "v2.4",
+    timeout = opts.timeout or 30,
+    connect_timeout = opts.connect_timeout or 10,
+    clock = opts.clock or core.now_ms,
+    _secret_key = opts.secret_key,
+    _transport_opts = {
+      timeout = opts.timeout or 30, connect_timeout = opts.connect_timeout or 10,
+      cafile = opts.cafile, capath = opts.capath, verify_tls = opts.verify_tls ~= false,
+      user_agent = opts.user_agent, max_body = opts.max_body,
+    },
+    _transport = opts.transport,
+    _token = nil,
+    _last_ts = 0,
+    _token_cache = opts.token_cache,
+  }, Client)
+  if opts.verify_tls == false then
+    io.stderr:write("enos: WARNING: TLS certificate verification is OFF (verify_tls = false)\n")
+  end
+  local scheme
+  scheme, err = secret.resolve(opts.secret_scheme)
+  if not scheme then return nil, errors.new("config", err.message, { field = "secret_scheme" }) end
+  self.secret_scheme = opts.secret_scheme or secret.DEFAULT
+  if opts.private_key ~= nil and opts.private_key_file ~= nil then
+    return nil, errors.new("config", "give private_key or private_key_file, not both", { field = "private_key" })
+  end
+  if opts.private_key_file then
+    self._key, err = secret.load_private_key { file = opts.private_key_file }
+    if not self._key then err.field = "private_key_file"; return nil, err end
+  elseif core.is_key(opts.private_key) then
+    self._key = opts.private_key
+  elseif opts.private_key ~= nil then
+    if type(opts.private_key) ~= "string" then
+      return nil, errors.new("config", "private_key must be PEM text or a key object", { field = "private_key" })
+    end
+    self._key, err = secret.load_private_key(opts.private_key)
+    if not self._key then err.field = "private_key"; return nil, err end
+  end
+  return self
+end
+
+function Client:__tostring()
+  local ak = self.access_key and (self.access_key:sub(1, 4) .. "…") or "none"
+  return string.format("enos.client(%s, org %s, app %s, %s%s)", self.endpoint, tostring(self.org_id),
+    ak, self.api_version, self._key and ", private key loaded" or "")
+end
+
+--- Whether the client can decrypt secrets.
+function Client:has_private_key() return self._key ~= nil end
+
+function Client:transport()
+  if self._closed then return nil, errors.new("config", "client is closed") end
+  if not self._transport then
+    local t = require "enos.transport.curl"
+    self._transport = t.new(self._transport_opts)
+    self._own_transport = true
+  end
+  return self._transport
+end
+
+--- Releases the transport (idempotent).
+function Client:close()
+  if self._own_transport and self._transport then self._transport:close() end
+  self._transport = nil
+  self._closed = true
+end
+Client.__gc = Client.close
+Client.__close = Client.close
+
+-- ---------------------------------------------------------------- timestamps and tokens
+
+-- A fresh timestamp, strictly increasing per client (the token service
+-- rejects a repeated encryption, so two requests never share a timestamp).
+function Client:_timestamp()
+  local now = math.floor(self.clock())
+  if now <= self._last_ts then now = self._last_ts + 1 end
+  self._last_ts = now
+  return now
+end
+
+function Client:_secrets()
+  return { self._secret_key, self._token and self._token.value }
+end
+
+local function token_error(status_code, msg)
+  local m = "token service: " .. (msg ~= nil and tostring(msg) or "error")
+  if status_code == 1002 then return errors.new("config", m .. " (appKey does not exist)", { code = status_code }) end
+  if status_code == 1003 then return errors.new("auth", m .. " (check the secret key)", { code = status_code }) end
+  if status_code == 1004 or status_code == 1202 then return errors.new("config", m, { code = status_code }) end
+  if status_code == 1005 then return errors.new("server", m, { code = status_code, retryable = true }) end
+  return errors.new("auth", m, { code = status_code })
+end
+
+function Client:_send_raw(req)
+  local t, terr = self:transport()
+  if not t then return nil, terr end
+  local res, err = t:send(req)
+  if not res then
+    local e = errors.from_transport(err)
+    e.message = errors.scrub(e.message, self:_secrets())
+    return nil, e
+  end
+  return res
+end
+
+-- One request to the token service; returns {value, expires_at} | nil, err.
+function Client:_token_request(path, extra)
+  if not self.access_key or not self._secret_key then
+    return nil, errors.new("config", "access_key and secret_key are required", { field = "access_key" })
+  end
+  local ts = self:_timestamp()
+  local enc = core.token_encryption(self.access_key, ts, self._secret_key)
+  local body = json.encode_object({ appKey = self.access_key, encryption = enc, timestamp = ts,
+    accessToken = extra }, { "appKey", "encryption", "timestamp", "accessToken" })
+  local res, err = self:_send_raw {
+    method = "POST", url = self.endpoint .. path, body = body,
+    headers = { ["Content-Type"] = "application/json" }, timeout = self.timeout,
+  }
+  if not res then return nil, err end
+  local doc = json.decode(res.body)
+  if type(doc) ~= "table" then
+    if res.status < 200 or res.status > 299 then
+      return nil, errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
+    end
+    return nil, errors.new("protocol", "token service reply is not JSON: " .. errors.trim(res.body, 80))
+  end
+  local st = doc.status
+  if st == nil then st = doc.stauts end         -- a documented typo
+  if type(st) ~= "number" then
+    if res.status < 200 or res.status > 299 then
+      return nil, errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
+    end
+    return nil, errors.new("protocol", "token service reply has no status")
+  end
+  if st ~= 0 then return nil, token_error(st, doc.msg) end
+  local data = type(doc.data) == "table" and doc.data or {}
+  if type(data.accessToken) ~= "string" or data.accessToken == "" then
+    return nil, errors.new("protocol", "token service reply has no accessToken")
+  end
+  local ttl = tonumber(data.expire) or 7200
+  local now = self.clock()
+  return { value = data.accessToken, expires_at = now + ttl * 1000, ttl = ttl }
+end
+
+-- Returns a valid token, fetching or refreshing as needed.
+function Client:_get_token(force)
+  local now = self.clock()
+  local tok = self._token
+  if not force and not tok and self._token_cache then
+    tok = self._token_cache:get(self)
+    self._token = tok
+  end
+  if not force and tok then
+    local margin = math.min(REFRESH_MARGIN_MS, tok.ttl * 1000 / 2)
+    if now < tok.expires_at - margin then return tok.value end
+  end
+  local newtok, err
+  if tok and not force and now < tok.expires_at then
+    newtok = self:_token_request(TOKEN_REFRESH, tok.value)
+  end
+  if not newtok then newtok, err = self:_token_request(TOKEN_GET) end
+  if not newtok then return nil, err end
+  self._token = newtok
+  if self._token_cache then self._token_cache:set(self, newtok) end
+  return newtok.value
+end
+
+--- Drops the cached token (the next call fetches one).
+function Client:reset_token() self._token = nil end
+
+-- ---------------------------------------------------------------- signing and sending
+
+local function stringify_query(q)
+  local out = {}
+  for k, v in pairs(q) do
+    local tv = type(v)
+    if tv == "boolean" then v = tostring(v)
+    elseif tv == "number" then
+      v = (v == math.floor(v) and math.abs(v) < 2^53) and string.format("%d", v) or tostring(v)
+    elseif tv ~= "string" then
+      return nil, errors.arg(tostring(k), "query value must be a string, number or boolean")
+    end
+    out[k] = v
+  end
+  return out
+end
+
+local Request = {}
+Request.__name = "enos.request"
+function Request.__tostring(r)
+  local lines = { r.method .. " " .. r.url }
+  local names = {}
+  for k in pairs(r.headers) do names[#names + 1] = k end
+  table.sort(names)
+  for _, k in ipairs(names) do
+    local v = r.headers[k]
+    local lk = k:lower()
+    if lk == "apim-accesstoken" or lk == "apim-signature" then v = "<redacted>" end
+    lines[#lines + 1] = k .. ": " .. v
+  end
+  if r.body then lines[#lines + 1] = "" ; lines[#lines + 1] = r.body end
+  return table.concat(lines, "\n")
+end
+M.Request = Request
+
+--- Builds the signed request for spec {method, path, query, body}; needs a token.
+function Client:_sign(spec, token)
+  local query, err = stringify_query(spec.query or {})
+  if not query then return nil, err end
+  local ts = self:_timestamp()
+  local sig = core.signature(token, self._secret_key, query, spec.body, ts)
+  local qs = core.encode_query(query)
+  local headers = {
+    ["apim-accesstoken"] = token,
+    ["apim-timestamp"] = string.format("%d", ts),
+    ["apim-signature"] = sig,
+  }
+  if spec.body then headers["Content-Type"] = JSON_CT end
+  return setmetatable({
+    method = spec.method, url = self.endpoint .. spec.path .. (qs ~= "" and "?" .. qs or ""),
+    headers = headers, body = spec.body, timeout = self.timeout,
+  }, Request)
+end
+
+local function token_rejected(res, doc)
+  if type(doc) == "table" and (doc.code == 1203 or doc.status == 1203) then return true end
+  if res.status == 401 then
+    local b = (res.body or ""):lower()
+    return b:find("token", 1, true) ~= nil
+  end
+  return false
+end
+
+-- Interprets a reply: data, envelope | nil, err.
+function Client:_interpret(res)
+  local doc = json.decode(res.body or "")
+  local secrets = self:_secrets()
+  if res.status < 200 or res.status > 299 then
+    local e = errors.from_status(res.status, res.headers, errors.scrub(res.body, secrets))
+    if type(doc) == "table" and type(doc.requestId) == "string" then e.request_id = doc.requestId end
+    return nil, e
+  end
+  if type(doc) ~= "table" or type(doc.code) ~= "number" then
+    return nil, errors.new("protocol", "reply is not the EnOS envelope: " .. errors.trim(errors.scrub(res.body, secrets), 120),
+      { status = res.status })
+  end
+  json.strip_null(doc)
+  if doc.code ~= 0 then
+    local e = errors.from_code(doc.code, errors.scrub(doc.msg, secrets), doc.requestId)
+    e.status = res.status
+    return nil, e
+  end
+  return doc.data, doc
+end
+
+--- Sends an API call spec {method, path, query, body}: data, envelope | nil, err.
+function Client:_call(spec)
+  if not self._secret_key then
+    return nil, errors.new("config", "secret_key is required", { field = "secret_key" })
+  end
+  for attempt = 1, 2 do
+    local token, err = self:_get_token(attempt == 2)
+    if not token then return nil, err end
+    local req
+    req, err = self:_sign(spec, token)
+    if not req then return nil, err end
+    local res
+    res, err = self:_send_raw(req)
+    if not res then return nil, err end
+    local doc = json.decode(res.body or "")
+    if attempt == 1 and token_rejected(res, doc) then
+      self._token = nil
+      if self._token_cache then self._token_cache:set(self, nil) end
+    else
+      return self:_interpret(res)
+    end
+  end
+  return nil, errors.new("auth", "the gateway rejected a freshly issued token")
+end
+
+-- ---------------------------------------------------------------- calls
+
+local function check_string(p, field, required, max)
+  local v = p[field]
+  if v == nil then
+    if required then return nil, errors.arg(field, field .. " is required") end
+    return true
+  end
+  if type(v) ~= "string" then return nil, errors.arg(field, field .. " must be a string, got " .. type(v)) end
+  if v == "" then return nil, errors.arg(field, field .. " must not be empty") end
+  if #v > (max or 256) then return nil, errors.arg(field, field .. " is longer than " .. (max or 256) .. " bytes") end
+  if v:find("[%z\1-\31\127]") then return nil, errors.arg(field, field .. " contains control characters") end
+  return true
+end
+
+local function check_bool(p, field)
+  if p[field] ~= nil and type(p[field]) ~= "boolean" then
+    return nil, errors.arg(field, field .. " must be a boolean")
+  end
+  return true
+end
+
+local function check_known(p, allowed, what)
+  for k in pairs(p) do
+    if not allowed[k] then
+      return nil, errors.arg(tostring(k), "unknown parameter '" .. tostring(k) .. "' for " .. what)
+    end
+  end
+  return true
+end
+
+--- Validates a device key (the new key of a replace).
+function M.check_device_key(v, field)
+  field = field or "newDeviceKey"
+  if type(v) ~= "string" then
+    return nil, errors.arg(field, field .. " is required (a string of 4-64 letters, digits, '-', '_', '.')")
+  end
+  if #v < 4 or #v > 64 or not v:match(KEY_PATTERN) then
+    return nil, errors.arg(field, field .. " must be 4-64 characters of letters, digits, '-', '_' or '.'")
+  end
+  return true
+end
+
+-- Resolves {assetId} | {productKey, deviceKey} plus orgId into query fields.
+function Client:_target(p, query)
+  local ok, err = check_string(p, "assetId", false, 64)
+  if not ok then return nil, err end
+  ok, err = check_string(p, "productKey", false, 64)
+  if not ok then return nil, err end
+  ok, err = check_string(p, "deviceKey", false, 64)
+  if not ok then return nil, err end
+  if p.assetId and (p.productKey or p.deviceKey) then
+    return nil, errors.arg("assetId", "give either assetId or productKey+deviceKey, not both")
+  end
+  if not p.assetId then
+    if not p.productKey and not p.deviceKey then
+      return nil, errors.arg("assetId", "assetId or productKey+deviceKey is required")
+    end
+    if not p.productKey then return nil, errors.arg("productKey", "productKey is required with deviceKey") end
+    if not p.deviceKey then return nil, errors.arg("deviceKey", "deviceKey is required with productKey") end
+  end
+  ok, err = check_string(p, "orgId", false, 64)
+  if not ok then return nil, err end
+  local org = p.orgId or self.org_id
+  if type(org) ~= "string" or org == "" then
+    return nil, errors.arg("orgId", "orgId is required (set org_id on the client or orgId in the call)")
+  end
+  query.orgId = org
+  query.assetId = p.assetId
+  query.productKey = p.productKey
+  query.deviceKey = p.deviceKey
+  return query
+end
+
+function Client:_path(resource, version)
+  return "/connect-service/" .. (version or self.api_version) .. "/" .. resource
+end
+
+-- Decrypts the deviceSecret of `data` in place when possible; returns an error
+-- (kept on the result as `err`) when decryption failed. The encrypted pair is
+-- always kept under `encrypted`.
+function Client:_recover_secret(data)
+  if self.api_version == "v2.1" then return nil end
+  if data.deviceSecret == nil and data.sessionKey == nil then return nil end
+  data.encrypted = { deviceSecret = data.deviceSecret, sessionKey = data.sessionKey }
+  data.deviceSecret, data.sessionKey = nil, nil
+  if not self._key then return nil end
+  local pt, err = secret.decrypt(self._key, data.encrypted.sessionKey, data.encrypted.deviceSecret, self.secret_scheme)
+  if pt then data.deviceSecret = pt return nil end
+  return err
+end
+
+local Result = {}
+Result.__name = "enos.result"
+function Result.__tostring(r)
+  local keys = {}
+  for k in pairs(r) do keys[#keys + 1] = k end
+  table.sort(keys)
+  local parts = {}
+  for _, k in ipairs(keys) do
+    local v = r[k]
+    if k == "deviceSecret" or k == "sessionKey" or k == "encrypted" then v = "<redacted>"
+    elseif type(v) == "table" then v = "{…}" else v = tostring(v) end
+    parts[#parts + 1] = k .. "=" .. v
+  end
+  return "enos.result{" .. table.concat(parts, ", ") .. "}"
+end
+M.Result = Result
+
+local CALLS = {}
+M.CALLS = CALLS
+
+local REPLACE_PARAMS = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true,
+  requireSecret = true, orgId = true }
+function CALLS.replace_device(self, p)
+  local ok, err = check_known(p, REPLACE_PARAMS, "replace_device")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "replaceDevice" })
+  if not query then return nil, err end
+  ok, err = M.check_device_key(p.newDeviceKey)
+  if not ok then return nil, err end
+  ok, err = check_bool(p, "requireSecret")
+  if not ok then return nil, err end
+  if p.deviceKey and p.deviceKey == p.newDeviceKey then
+    return nil, errors.arg("newDeviceKey", "newDeviceKey equals the current deviceKey (EnOS 11704)")
+  end
+  local body = { newDeviceKey = p.newDeviceKey }
+  if p.requireSecret and self.api_version ~= "v2.1" then body.requireSecret = true end
+  return {
+    method = "POST", path = self:_path("devices"), query = query,
+    body = json.encode_object(body, { "newDeviceKey", "requireSecret" }),
+  }
+end
+
+local GET_PARAMS = { assetId = true, productKey = true, deviceKey = true, requireSecret = true, orgId = true }
+function CALLS.get_device(self, p)
+  local ok, err = check_known(p, GET_PARAMS, "get_device")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "get" })
+  if not query then return nil, err end
+  ok, err = check_bool(p, "requireSecret")
+  if not ok then return nil, err end
+  if p.requireSecret and self.api_version ~= "v2.1" then query.requireSecret = "true" end
+  return { method = "GET", path = self:_path("devices"), query = query }
+end
+
+local SEARCH_PARAMS = { expression = true, pageNo = true, pageSize = true, requireSecret = true, orgId = true }
+function CALLS.search_devices(self, p)
+  local ok, err = check_known(p, SEARCH_PARAMS, "search_devices")
+  if not ok then return nil, err end
+  ok, err = check_string(p, "expression", false, 4096)
+  if not ok then return nil, err end
+  local org = p.orgId or self.org_id
+  if type(org) ~= "string" or org == "" then return nil, errors.arg("orgId", "orgId is required") end
+  local pageNo, pageSize = p.pageNo or 1, p.pageSize or 100
+  if type(pageNo) ~= "number" or pageNo < 1 or pageNo % 1 ~= 0 then return nil, errors.arg("pageNo", "pageNo must be an integer >= 1") end
+  if type(pageSize) ~= "number" or pageSize < 1 or pageSize > 200 or pageSize % 1 ~= 0 then
+    return nil, errors.arg("pageSize", "pageSize must be an integer 1-200")
+  end
+  local body = string.format('{%s"pagination":{"pageNo":%d,"pageSize":%d}}',
+    p.expression and ('"expression":' .. json.encode(p.expression) .. ",") or "", pageNo, pageSize)
+  return { method = "POST", path = self:_path("devices"), query = { action = "search", orgId = org }, body = body }
+end
+
+local SUB_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, pageNo = true, pageSize = true }
+local function gateway_of(self, p, action, version)
+  local query, err = self:_target(p, { action = action })
+  if not query then return nil, err end
+  local gw = p.assetId and { assetId = p.assetId } or { productKey = p.productKey, deviceKey = p.deviceKey }
+  query.assetId, query.productKey, query.deviceKey = nil, nil, nil
+  return { method = "POST", path = "/connect-service/" .. (version or self.api_version) .. "/device-topos",
+    query = query, gateway = gw }
+end
+
+function CALLS.search_sub_devices(self, p)
+  local ok, err = check_known(p, SUB_PARAMS, "search_sub_devices")
+  if not ok then return nil, err end
+  local spec
+  spec, err = gateway_of(self, p, "searchSubDevice")
+  if not spec then return nil, err end
+  spec.body = json.encode { gateway = spec.gateway,
+    pagination = { pageNo = p.pageNo or 1, pageSize = p.pageSize or 200 } }
+  spec.gateway = nil
+  return spec
+end
+
+local ADD_SUB_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, subDevices = true }
+function CALLS.add_sub_devices(self, p)
+  local ok, err = check_known(p, ADD_SUB_PARAMS, "add_sub_devices")
+  if not ok then return nil, err end
+  if type(p.subDevices) ~= "table" or #p.subDevices == 0 then
+    return nil, errors.arg("subDevices", "subDevices must be a non-empty list")
+  end
+  local spec
+  spec, err = gateway_of(self, p, "addSubDevice", "v2.1")
+  if not spec then return nil, err end
+  spec.body = json.encode { gateway = spec.gateway, subDevices = p.subDevices }
+  spec.gateway = nil
+  return spec
+end
+
+--- Builds the signed request for a call without sending it (a dry run).
+-- @return request table {method, url, headers, body} (tostring redacts the token) | nil, err
+function Client:prepare(call, params)
+  local build = CALLS[call]
+  if not build then error("enos: unknown call '" .. tostring(call) .. "'", 2) end
+  if type(params) ~= "table" then error("enos: " .. call .. " expects a table of parameters", 2) end
+  local spec, err = build(self, params)
+  if not spec then return nil, err end
+  local token
+  token, err = self:_get_token()
+  if not token then return nil, err end
+  return self:_sign(spec, token)
+end
+
+--- Replace Device: moves the asset to newDeviceKey and returns the new credentials.
+function Client:replace_device(p)
+  if type(p) ~= "table" then error("enos: replace_device expects a table of parameters", 2) end
+  local spec, err = CALLS.replace_device(self, p)
+  if not spec then return nil, err end
+  local data, env = self:_call(spec)
+  if not data then return nil, env end
+  if type(data) ~= "table" or type(data.assetId) ~= "string" or type(data.deviceKey) ~= "string" then
+    return nil, errors.new("protocol", "replaceDevice reply has no assetId/deviceKey", { request_id = env.requestId })
+  end
+  local r = setmetatable({
+    assetId = data.assetId, productKey = data.productKey, deviceKey = data.deviceKey,
+    deviceSecret = data.deviceSecret, sessionKey = data.sessionKey, requestId = env.requestId,
+  }, Result)
+  r.err = self:_recover_secret(r)
+  return r
+end
+
+--- Get Device: the Device table with EnOS's field names (secret decrypted when asked).
+function Client:get_device(p)
+  if type(p) ~= "table" then error("enos: get_device expects a table of parameters", 2) end
+  local spec, err = CALLS.get_device(self, p)
+  if not spec then return nil, err end
+  local data, env = self:_call(spec)
+  if not data then return nil, env end
+  if type(data) ~= "table" then return nil, errors.new("protocol", "get reply has no device", { request_id = env.requestId }) end
+  setmetatable(data, Result)
+  data.requestId = env.requestId
+  data.err = self:_recover_secret(data)
+  return data
+end
+
+--- Search Device: list, pagination | nil, err.
+function Client:search_devices(p)
+  if type(p) ~= "table" then error("enos: search_devices expects a table of parameters", 2) end
+  local spec, err = CALLS.search_devices(self, p)
+  if not spec then return nil, err end
+  local data, env = self:_call(spec)
+  if not data then return nil, env end
+  if type(data) ~= "table" then data = {} end
+  for _, d in ipairs(data) do setmetatable(d, Result) d.err = self:_recover_secret(d) end
+  return data, env.pagination
+end
+
+--- Search Sub-Device of a gateway: list | nil, err.
+function Client:search_sub_devices(p)
+  if type(p) ~= "table" then error("enos: search_sub_devices expects a table of parameters", 2) end
+  local spec, err = CALLS.search_sub_devices(self, p)
+  if not spec then return nil, err end
+  local data, env = self:_call(spec)
+  if not data then return nil, env end
+  return type(data) == "table" and data or {}, env.pagination
+end
+
+--- Add Sub-Device to a gateway.
+function Client:add_sub_devices(p)
+  if type(p) ~= "table" then error("enos: add_sub_devices expects a table of parameters", 2) end
+  local spec, err = CALLS.add_sub_devices(self, p)
+  if not spec then return nil, err end
+  return self:_call(spec)
+end
+
+--- Any other EnOS call, signed the same way: data, envelope | nil, err.
+-- orgId is added from the client unless the query has one (or sets it to false).
+function Client:request(p)
+  if type(p) ~= "table" then error("enos: request expects a table", 2) end
+  local method = p.method or (p.body ~= nil and "POST" or "GET")
+  if type(method) ~= "string" or not method:match("^%u+$") then return nil, errors.arg("method", "method must be an upper-case HTTP verb") end
+  if type(p.path) ~= "string" or p.path:sub(1, 1) ~= "/" or p.path:find("[?#%s]") then
+    return nil, errors.arg("path", "path must start with '/' and carry no query (use query = {...})")
+  end
+  local query = {}
+  if p.query ~= nil then
+    if type(p.query) ~= "table" then return nil, errors.arg("query", "query must be a table") end
+    for k, v in pairs(p.query) do query[k] = v end
+  end
+  if query.orgId == nil and self.org_id then query.orgId = self.org_id end
+  if query.orgId == false then query.orgId = nil end
+  local body = p.body
+  if type(body) == "table" then body = json.encode(body)
+  elseif body ~= nil and type(body) ~= "string" then return nil, errors.arg("body", "body must be a table or a string") end
+  return self:_call { method = method, path = p.path, query = query, body = body }
+end
+
+return M

@@ -1,0 +1,86 @@
+--- enos: replace IoT devices on Envision EnOS safely, fast and at fleet scale.
+-- @module enos
+local core = require "enos.core"
+local client = require "enos.client"
+local config = require "enos.config"
+local errors = require "enos.errors"
+local secret = require "enos.secret"
+
+local enos = {
+  _VERSION = core._VERSION,
+  _NAME = "enos",
+}
+
+--- Versions of enos, Lua, libcurl and OpenSSL in use.
+function enos.versions()
+  local v = core.versions()
+  v.lua = (type(jit) == "table" and jit.version) or _VERSION
+  return v
+end
+
+--- Lowercase hex SHA-256 of s.
+enos.sha256_hex = core.sha256_hex
+
+--- The token service's `encryption` value.
+function enos.token_encryption(app_key, timestamp_ms, app_secret)
+  return core.token_encryption(app_key, timestamp_ms, app_secret)
+end
+
+--- The apim-signature of a request: {access_token, app_secret, query, body, timestamp}.
+function enos.signature(p)
+  if type(p) ~= "table" then error("enos.signature expects a table", 2) end
+  local q = {}
+  for k, v in pairs(p.query or {}) do
+    if type(v) == "boolean" then v = tostring(v)
+    elseif type(v) == "number" then v = (v % 1 == 0) and string.format("%d", v) or tostring(v) end
+    q[k] = v
+  end
+  return core.signature(p.access_token, p.app_secret, q, p.body, p.timestamp)
+end
+
+--- Loads an RSA private key: PEM text or {file = path} -> key | nil, err.
+enos.load_private_key = secret.load_private_key
+
+--- Decrypts a V2.4 secret: {private_key, session_key, secret, scheme} -> plaintext | nil, err.
+function enos.decrypt_secret(p)
+  if type(p) ~= "table" then error("enos.decrypt_secret expects a table", 2) end
+  local key = p.private_key
+  if not core.is_key(key) then
+    local err
+    key, err = secret.load_private_key(key)
+    if not key then return nil, errors.new("decrypt", err.message) end
+  end
+  return secret.decrypt(key, p.session_key, p.secret, p.scheme)
+end
+
+--- Creates a client (see README for options).
+enos.client = client.new
+
+enos.errors = errors
+
+-- Splits one-shot options into client options and call parameters.
+local function split(opts)
+  if type(opts) ~= "table" then error("enos: expected a table of options", 3) end
+  local copts, params = {}, {}
+  for k, v in pairs(opts) do
+    if client.OPTIONS[k] then copts[k] = v else params[k] = v end
+  end
+  return config.with_env(copts), params
+end
+
+local function one_shot(method, opts)
+  local copts, params = split(opts)
+  local c, err = client.new(copts)
+  if not c then return nil, err end
+  local r, e = c[method](c, params)
+  c:close()
+  return r, e
+end
+
+--- One-shot Replace Device with options from the table and the environment.
+function enos.replace_device(opts) return one_shot("replace_device", opts) end
+
+--- One-shot Get Device with options from the table and the environment.
+function enos.get_device(opts) return one_shot("get_device", opts) end
+
+return enos

@@ -1,0 +1,54 @@
+--- JSON helpers over lua-cjson: safe decode, ordered encode for request bodies.
+-- @module enos.json
+local cjson = require "cjson.safe"
+
+local M = {}
+M.null = cjson.null
+
+--- Decodes s; returns value | nil, message. JSON null becomes nil inside tables.
+function M.decode(s)
+  local v, err = cjson.decode(s)
+  if v == nil and err then return nil, err end
+  return v
+end
+
+--- Encodes a value. Numbers that are whole are written without an exponent.
+function M.encode(v)
+  return cjson.encode(v)
+end
+
+--- Encodes an object with the given key order first (deterministic bodies make
+-- dry runs and signatures reproducible); other keys follow sorted.
+function M.encode_object(t, order)
+  local out, seen = {}, {}
+  local function add(k)
+    local v = t[k]
+    if v ~= nil then
+      local ev
+      if type(v) == "number" and v == math.floor(v) and math.abs(v) < 2^53 then
+        ev = string.format("%d", v)
+      else
+        ev = assert(cjson.encode(v))
+      end
+      out[#out + 1] = cjson.encode(k) .. ":" .. ev
+    end
+    seen[k] = true
+  end
+  for _, k in ipairs(order or {}) do add(k) end
+  local rest = {}
+  for k in pairs(t) do if not seen[k] then rest[#rest + 1] = k end end
+  table.sort(rest)
+  for _, k in ipairs(rest) do add(k) end
+  return "{" .. table.concat(out, ",") .. "}"
+end
+
+--- Replaces cjson.null values by nil, recursively.
+function M.strip_null(v)
+  if v == cjson.null then return nil end
+  if type(v) == "table" then
+    for k, x in pairs(v) do v[k] = M.strip_null(x) end
+  end
+  return v
+end
+
+return M
