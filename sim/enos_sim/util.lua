@@ -5,8 +5,27 @@ local rand = require "openssl.rand"
 
 local M = {}
 
+cjson.encode_number_precision(14)  -- the maximum; epoch ms (13 digits) survive
 M.json = cjson
 M.null = cjson.null
+
+-- This cjson has no array_mt: an empty Lua table encodes as {}. Lists use M.list(),
+-- which puts a marker into an empty list that M.encode turns into [].
+local EMPTY = "\1enos_sim_empty_list\1"
+local EMPTY_JSON = '["\\u0001enos_sim_empty_list\\u0001"]'
+
+function M.list(t)
+  if t == nil or next(t) == nil then return { EMPTY } end
+  return t
+end
+
+function M.encode(v)
+  local s = cjson.encode(v)
+  if s and s:find(EMPTY_JSON, 1, true) then
+    s = s:gsub("%[\"\\u0001enos_sim_empty_list\\u0001\"%]", "[]")
+  end
+  return s
+end
 
 local byte, format, concat = string.byte, string.format, table.concat
 
@@ -55,7 +74,7 @@ function M.send(status, tbl, headers)
   local ctx = ngx.ctx
   if type(tbl) == "table" and tbl.code ~= nil then ctx.code = tbl.code end
   if type(tbl) == "table" and tbl.status ~= nil and tbl.code == nil then ctx.code = tbl.status end
-  local body = cjson.encode(tbl)
+  local body = M.encode(tbl)
   local post = ctx.post_fault
   if post == "ambiguous" then
     ctx.fault = "ambiguous"
