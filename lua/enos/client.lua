@@ -348,7 +348,9 @@ function Client:_interpret(res)
     e.status = res.status
     return nil, e
   end
-  return doc.data, doc
+  local data = doc.data
+  if data == nil then data = json.null end   -- success without data stays truthy
+  return data, doc
 end
 
 --- Sends an API call spec {method, path, query, body}: data, envelope | nil, err.

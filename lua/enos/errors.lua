@@ -78,6 +78,7 @@ local CODE_KIND = {
 
 --- Maps a business envelope with a non-zero code.
 function M.from_code(code, msg, request_id)
+  if type(code) == "number" and code % 1 == 0 then code = tonumber(string.format("%d", code)) end
   local kind = CODE_KIND[code] or "server"
   local message = msg ~= nil and tostring(msg) or ""
   if code == 99400 and (message:lower():find("not exist", 1, true) or message:lower():find("not found", 1, true)) then
