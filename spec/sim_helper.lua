@@ -185,7 +185,8 @@ function Handle:call(method, path, params, body, opts)
   if not st then return nil, raw end
   local r = decode(raw)
   -- a cached token the sim expired meanwhile: fetch a fresh one once (like a real client would)
-  if st == 401 and not opts.token and not opts.retried and not opts.no_retry and r and (r.reason == "token_expired" or r.reason == "token_invalid") then
+  local stale = r and (r.reason == "token_expired" or r.reason == "token_invalid")
+  if st == 401 and stale and not opts.token and not opts.retried and not opts.no_retry then
     self:token(app, true)
     local o = {}
     for k, v in pairs(opts) do o[k] = v end

@@ -7,7 +7,6 @@ local search = require "enos_sim.search"
 
 local M = {}
 
-local null = util.null
 local E_ARGS = "Invalid arguments"
 local NOT_FOUND = "Invalid arguments: device does not exist"
 local KEY_RULE = "must be 4-64 characters of letters, digits, '-', '_' or '.'"

@@ -249,7 +249,7 @@ function M.generate(opts)
   if opts.config_file then build_opts.config_file = abspath(opts.config_file) end
   local cfg
   cfg, err = config.build(defaults, build_opts)
-  if not cfg then return nil, err end
+  if not cfg then return nil, "enos-sim: " .. err end
 
   local prefix = opts.prefix
   if not prefix then
