@@ -166,6 +166,14 @@ function H.free_port()
   return tonumber(port)
 end
 
+-- Stops the process in a pid file: TERM, wait up to 3 s, then KILL.
+function H.stop_pidfile(pidfile)
+  os.execute(([[pid=$(cat %s 2>/dev/null) || exit 0
+kill -TERM "$pid" 2>/dev/null || exit 0
+for i in $(seq 30); do kill -0 "$pid" 2>/dev/null || exit 0; sleep 0.1; done
+kill -KILL "$pid" 2>/dev/null; pkill -KILL -P "$pid" 2>/dev/null; exit 0]]):format(pidfile))
+end
+
 -- Starts a small nginx serving `locations` (nginx config text) on a free port,
 -- over TLS with a self-signed certificate when tls = true.
 -- Returns {url, prefix, stop = function}.
@@ -208,7 +216,8 @@ http {
   function srv.stop()
     if srv.stopped then return end
     srv.stopped = true
-    os.execute(("kill -QUIT $(cat %s/nginx.pid 2>/dev/null) 2>/dev/null; sleep 0.2; rm -rf %s"):format(prefix, prefix))
+    H.stop_pidfile(prefix .. "/nginx.pid")
+    os.execute("rm -rf " .. prefix)
   end
   -- wait until it answers
   for _ = 1, 50 do

@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# make check: lint, every spec under Lua 5.4 and LuaJIT, the C-level specs once
+# under valgrind memcheck, and the rockspec build. Ends with "N passed, N failed".
+set -u
+cd "$(dirname "$0")/.."
+LOG=build/check
+mkdir -p "$LOG"
+PASSED=0
+FAILED=0
+FAILURES=()
+
+note() { printf '\n== %s\n' "$*"; }
+count_tap() {   # file label rc
+  local p f
+  p=$(grep -c '^ok ' "$1" || true)
+  f=$(grep -c '^not ok ' "$1" || true)
+  if [ "$3" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi      # crashed or failed to load
+  PASSED=$((PASSED + p)); FAILED=$((FAILED + f))
+  [ "$f" -eq 0 ] || FAILURES+=("$2: $f failed (see $1)")
+  printf '%s: %d passed, %d failed\n' "$2" "$p" "$f"
+}
+single() {      # label rc
+  if [ "$2" -eq 0 ]; then PASSED=$((PASSED + 1)); echo "$1: ok"
+  else FAILED=$((FAILED + 1)); FAILURES+=("$1"); echo "$1: FAILED"; fi
+}
+
+SPECS=${SPECS:-spec}
+
+note "luacheck"
+luacheck -q lua spec bin sim examples bench > "$LOG/luacheck.log" 2>&1
+rc=$?; cat "$LOG/luacheck.log" | tail -n 20; single "luacheck" $rc
+
+for flavour in lua5.4 luajit; do
+  note "busted ($flavour)"
+  busted --lua="$flavour" --cpath="build/$flavour/?.so" -o TAP $SPECS > "$LOG/busted-$flavour.tap" 2>&1
+  rc=$?
+  grep -A4 '^not ok' "$LOG/busted-$flavour.tap" | head -n 60
+  count_tap "$LOG/busted-$flavour.tap" "busted $flavour" $rc
+done
+
+if [ "${SKIP_VALGRIND:-}" != 1 ]; then
+  note "valgrind memcheck (C-level specs, Lua 5.4)"
+  valgrind --quiet --error-exitcode=99 --leak-check=full --show-leak-kinds=definite,indirect \
+    --errors-for-leak-kinds=definite,indirect --log-file="$LOG/valgrind.log" \
+    lua5.4 "$(command -v busted)" --cpath="build/lua5.4/?.so" -o TAP \
+    spec/10_sign_spec.lua spec/11_secret_spec.lua spec/12_client_spec.lua spec/13_transport_spec.lua \
+    > "$LOG/valgrind.tap" 2>&1
+  rc=$?
+  count_tap "$LOG/valgrind.tap" "specs under valgrind" $([ $rc -eq 99 ] && echo 0 || echo $rc)
+  if [ $rc -eq 99 ] || grep -q 'ERROR SUMMARY: [1-9]' "$LOG/valgrind.log"; then
+    cat "$LOG/valgrind.log" | head -n 60; single "valgrind: zero errors, zero definite/indirect leaks" 1
+  else
+    single "valgrind: zero errors, zero definite/indirect leaks" 0
+  fi
+fi
+
+note "rockspec (luarocks make --tree, offline) and the installed module"
+tree=$(mktemp -d /tmp/enos-rocks.XXXXXX)
+{
+  luarocks --lua-version 5.4 --tree "$tree" make enos-*.rockspec &&
+  (cd /tmp && ENOS_TREE="$tree" LUA_PATH="$tree/share/lua/5.4/?.lua;$tree/share/lua/5.4/?/init.lua;;" \
+     LUA_CPATH="$tree/lib/lua/5.4/?.so;;" lua5.4 -e '
+       local enos = require "enos"
+       local tree = os.getenv("ENOS_TREE")
+       assert(package.searchpath("enos.core", package.cpath):find(tree, 1, true), "core.so not from the tree")
+       assert(enos.token_encryption("5acb82e7-a11e-4300-9164-c8b20b638e8b", 1572574909697, "my-app-secret")
+         == "4a402ff72d4644a3b5cbbb173ccd04a2b6d8be85bf522780b8626ca800e90545")
+       print("installed enos " .. enos._VERSION .. " works")')
+} > "$LOG/rockspec.log" 2>&1
+rc=$?; tail -n 3 "$LOG/rockspec.log"; rm -rf "$tree"; single "rockspec install" $rc
+
+if [ ${#FAILURES[@]} -gt 0 ]; then
+  note "failures"
+  printf '  %s\n' "${FAILURES[@]}"
+fi
+echo
+echo "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
