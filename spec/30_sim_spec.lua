@@ -601,7 +601,7 @@ describe("enos-sim over TLS with another scheme", function()
   local scheme = { rsa_padding = "oaep", aes_mode = "gcm", key_format = "base64", encoding = "base64url", key_bits = 256 }
   setup(function()
     h = sim.start { tls = true, config = { apps = { { access_key = "ak", secret_key = "sk", public_key = pub } },
-      secret_scheme = scheme } }
+      secret_scheme = scheme, token_status_typo = true } }
   end)
   teardown(function() if h then h:stop() end end)
 
@@ -613,6 +613,14 @@ describe("enos-sim over TLS with another scheme", function()
     local st2, err = sim.http { url = h.admin_url .. "/health" }
     assert.is_nil(st2)
     assert.matches("curl", err)
+  end)
+
+  it("can spell the token reply's status as the documented typo stauts", function()
+    local st, r = h:token_request("get")
+    assert.equal(200, st)
+    assert.equal(0, r.stauts)
+    assert.is_nil(r.status)
+    assert.is_string(r.data.accessToken)
   end)
 
   it("encrypts with OAEP / AES-256-GCM / base64 key / base64url", function()

@@ -83,7 +83,7 @@ end
 -- Returns status, body, headers (lowercased names), or nil, "curl: …" when no HTTP reply came back.
 function M.http(req)
   local bodyf, hdrf = os.tmpname(), os.tmpname()
-  local cmd = { "curl -sS --http1.1 -o", q(bodyf), "-D", q(hdrf), "-w '%{http_code}'", "-X", req.method or "GET",
+  local cmd = { "curl -sS --http1.1 -o", q(bodyf), "-D", q(hdrf), "-w ' __code=%{http_code}'", "-X", req.method or "GET",
     "--max-time", tostring(req.timeout or 15) }
   if req.ca_file then cmd[#cmd + 1] = "--cacert " .. q(req.ca_file) end
   for k, v in pairs(req.headers or {}) do cmd[#cmd + 1] = "-H " .. q(k .. ": " .. v) end
@@ -104,14 +104,16 @@ function M.http(req)
   if inf then os.remove(inf) end
   local rc = tonumber(out:match("__rc=(%d+)"))
   if rc ~= 0 then
-    return nil, "curl: " .. out:gsub("%s*__rc=%d+%s*$", ""):gsub("^%d%d%d", ""), body
+    local msg = out:gsub("%s*__rc=%d+%s*$", ""):gsub("%s*__code=%d+", ""):gsub("^%s+", "")
+    if not msg:find("^curl") then msg = "curl: " .. msg end
+    return nil, msg .. " (exit " .. tostring(rc) .. ")", body
   end
   local headers = {}
   for line in hdr:gmatch("[^\r\n]+") do
     local k, v = line:match("^([^:]+):%s*(.*)$")
     if k then headers[k:lower()] = v end
   end
-  return tonumber(out:match("^(%d%d%d)")), body, headers
+  return tonumber(out:match("__code=(%d%d%d)")), body, headers
 end
 
 local function decode(s)
@@ -158,7 +160,7 @@ function Handle:token(app, fresh)
   self._tokens = self._tokens or {}
   if not fresh and self._tokens[app.access_key] then return self._tokens[app.access_key] end
   local st, r, raw = self:token_request("get", app)
-  assert(st == 200 and r and r.status == 0, "token get failed: " .. tostring(st) .. " " .. tostring(raw))
+  assert(st == 200 and r and (r.status or r.stauts) == 0, "token get failed: " .. tostring(st) .. " " .. tostring(raw))
   self._tokens[app.access_key] = r.data.accessToken
   return r.data.accessToken
 end
@@ -237,6 +239,14 @@ function M.start(opts)
   h.keep_prefix = opts.keep_prefix or os.getenv("ENOS_SIM_KEEP") ~= nil
   h.app = info.config.apps[1]
   running[h] = true
+  return h
+end
+
+--- A handle for a simulator started elsewhere (e.g. by bin/enos-sim): t = {url, admin_url, ca_file, app, prefix}.
+-- Its :stop() stops that simulator too.
+function M.attach(t)
+  local h = setmetatable(t, Handle)
+  h.keep_prefix = true
   return h
 end
 

@@ -12,9 +12,10 @@ local tokens = ngx.shared.enos_tokens
 local REPLAY_TTL = 86400
 
 local function token_reply(status, msg, data)
-  return util.send(200, {
-    status = status, msg = msg, business = "apim-token-service", data = data or util.null,
-  })
+  local r = { msg = msg, business = "apim-token-service", data = data or util.null }
+  -- the documented typo, on demand, so clients can be tested against it
+  r[conf.cfg.token_status_typo and "stauts" or "status"] = status
+  return util.send(200, r)
 end
 
 local function parse_token(v)

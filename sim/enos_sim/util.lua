@@ -73,7 +73,7 @@ end
 function M.send(status, tbl, headers)
   local ctx = ngx.ctx
   if type(tbl) == "table" and tbl.code ~= nil then ctx.code = tbl.code end
-  if type(tbl) == "table" and tbl.status ~= nil and tbl.code == nil then ctx.code = tbl.status end
+  if type(tbl) == "table" and tbl.code == nil then ctx.code = tbl.status or tbl.stauts end
   local body = M.encode(tbl)
   local post = ctx.post_fault
   if post == "ambiguous" then
