@@ -180,6 +180,16 @@ describe("enos-sim", function()
       assert.equal("signature_mismatch", r.reason)
     end)
 
+    it("verifies a body larger than nginx's memory buffer (spooled to a file)", function()
+      local body = '{"expression":"deviceKey = \'sig_dev_01\'' .. string.rep(" ", 1536 * 1024) .. '"}'
+      local st, r = h:call("POST", DEV, { action = "search", orgId = ORG }, body)
+      assert.equal(200, st)
+      assert.equal(1, r.pagination.totalSize)
+      st = h:call("POST", DEV, { action = "search", orgId = ORG }, body, {
+        mutate = function(req) req.body = req.body:sub(1, -3) .. ' "}' end })
+      assert.equal(401, st)
+    end)
+
     it("accepts a reordered query string but rejects a changed parameter value", function()
       local params = { action = "get", orgId = ORG, assetId = dev.assetId }
       local reordered = "assetId=" .. dev.assetId .. "&orgId=" .. ORG .. "&action=get"
