@@ -10,6 +10,7 @@
 /* Metatable names (dotted, per design.md). */
 #define ENOS_KEY_MT  "enos.key"
 #define ENOS_EASY_MT "enos.easy"
+#define ENOS_MULTI_MT "enos.multi"
 
 /* util.c */
 void enos_cleanse(void *p, size_t n);
@@ -21,6 +22,7 @@ int enos_push_errtable(lua_State *L, const char *kind, const char *message);
 void enos_open_sign(lua_State *L);
 void enos_open_secret(lua_State *L);
 void enos_open_easy(lua_State *L);
+void enos_open_multi(lua_State *L);
 
 /* easy.c helpers shared with multi.c */
 typedef struct enos_buf {

@@ -366,6 +366,12 @@ done:
   return 1;
 }
 
+/* is_key(v) -> boolean */
+static int l_is_key(lua_State *L) {
+  lua_pushboolean(L, luaL_testudata(L, 1, ENOS_KEY_MT) != NULL);
+  return 1;
+}
+
 static const luaL_Reg key_methods[] = {
   {"bits", key_bits},
   {"close", key_gc},
@@ -376,6 +382,7 @@ static const luaL_Reg secret_funcs[] = {
   {"decode", l_decode},
   {"b64encode", l_b64encode},
   {"load_private_key", l_load_private_key},
+  {"is_key", l_is_key},
   {"decrypt_secret", l_decrypt_secret},
   {NULL, NULL}
 };
