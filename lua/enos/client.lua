@@ -240,8 +240,16 @@ function Client:_token_request(path, extra)
   return { value = data.accessToken, expires_at = now + ttl * 1000, ttl = ttl }
 end
 
--- Returns a valid token, fetching or refreshing as needed.
+-- Returns a valid token, fetching or refreshing as needed. Concurrent callers
+-- (coroutines on a scheduler or in nginx) share one fetch: single flight.
 function Client:_get_token(force)
+  if self._token_fetching then
+    local t = self:transport()
+    if t and t.wait_for then
+      t:wait_for(function() return not self._token_fetching end)
+      if self._token and not force then return self._token.value end
+    end
+  end
   local now = self.clock()
   local tok = self._token
   if not force and not tok and self._token_cache then
@@ -252,11 +260,13 @@ function Client:_get_token(force)
     local margin = math.min(REFRESH_MARGIN_MS, tok.ttl * 1000 / 2)
     if now < tok.expires_at - margin then return tok.value end
   end
+  self._token_fetching = true
   local newtok, err
   if tok and not force and now < tok.expires_at then
     newtok = self:_token_request(TOKEN_REFRESH, tok.value)
   end
   if not newtok then newtok, err = self:_token_request(TOKEN_GET) end
+  self._token_fetching = false
   if not newtok then return nil, err end
   self._token = newtok
   if self._token_cache then self._token_cache:set(self, newtok) end
@@ -359,7 +369,7 @@ function Client:_call(spec)
     return nil, errors.new("config", "secret_key is required", { field = "secret_key" })
   end
   for attempt = 1, 2 do
-    local token, err = self:_get_token(attempt == 2)
+    local token, err = self:_get_token()
     if not token then return nil, err end
     local req
     req, err = self:_sign(spec, token)
@@ -369,8 +379,12 @@ function Client:_call(spec)
     if not res then return nil, err end
     local doc = json.decode(res.body or "")
     if attempt == 1 and token_rejected(res, doc) then
-      self._token = nil
-      if self._token_cache then self._token_cache:set(self, nil) end
+      -- Drop the token only if nobody replaced it meanwhile; the retry then
+      -- fetches one (shared with concurrent callers).
+      if self._token and self._token.value == token then
+        self._token = nil
+        if self._token_cache then self._token_cache:set(self, nil) end
+      end
     else
       return self:_interpret(res)
     end

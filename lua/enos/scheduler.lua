@@ -1,0 +1,208 @@
+--- A coroutine scheduler over the libcurl multi transport (design.md).
+-- Tasks are coroutines; `sched.transport:send(req)` inside a task yields until
+-- its transfer finishes, so many client calls run concurrently on one thread.
+-- @module enos.scheduler
+local core = require "enos.core"
+
+local M = {}
+
+local Sched = {}
+Sched.__index = Sched
+
+local SEND, SLEEP, WAIT = {}, {}, {}      -- yield markers
+
+--- Creates a scheduler. opts: the transport options of enos.client
+-- (timeout, connect_timeout, cafile, capath, verify_tls, user_agent, max_body)
+-- plus max_connections; or `multi` = an existing core.multi object.
+function M.new(opts)
+  opts = opts or {}
+  local self = setmetatable({
+    multi = opts.multi or core.multi {
+      timeout = opts.timeout, connect_timeout = opts.connect_timeout, cafile = opts.cafile,
+      capath = opts.capath, verify_tls = opts.verify_tls, user_agent = opts.user_agent,
+      max_body = opts.max_body, max_connections = opts.max_connections,
+    },
+    ready = {},        -- {co, args…}
+    by_id = {},        -- transfer id → co
+    sleeping = {},     -- {at = ms, co}
+    waiting = {},      -- {pred, co}
+    tasks = {},        -- co → task record
+    ntasks = 0,
+    errors = {},
+  }, Sched)
+  local sched = self
+  -- The transport a client uses: blocks in place when called outside a task.
+  self.transport = {
+    send = function(_, req) return sched:send(req) end,
+    wait_for = function(_, pred) return sched:wait_for(pred) end,
+    close = function() end,
+  }
+  return self
+end
+
+function Sched:now() return core.monotonic_ms() end
+
+local function in_task(self)
+  local co = coroutine.running()
+  return co and self.tasks[co] ~= nil
+end
+
+--- Sends a request; inside a task it yields until the reply.
+function Sched:send(req)
+  if in_task(self) then
+    return coroutine.yield(SEND, req)
+  end
+  -- Outside any task: drive the multi handle until this transfer is done.
+  local id = self.multi:add(req)
+  while true do
+    for _, done in ipairs(self.multi:wait(1)) do
+      if done.id == id then
+        if done.res then return done.res end
+        return nil, done.err
+      end
+      local co = self.by_id[done.id]
+      if co then
+        self.by_id[done.id] = nil
+        self.ready[#self.ready + 1] = { co, done.res, done.err, n = 3 }
+      end
+    end
+  end
+end
+
+--- Sleeps (inside a task: yields; outside: blocks).
+function Sched:sleep(seconds)
+  if seconds <= 0 then return end
+  if in_task(self) then return coroutine.yield(SLEEP, seconds) end
+  self.multi:wait(seconds)
+end
+
+--- Waits until pred() is true (inside a task; outside, pred must already hold).
+function Sched:wait_for(pred)
+  if pred() then return end
+  if not in_task(self) then error("enos.scheduler: wait_for outside a task would never end") end
+  return coroutine.yield(WAIT, pred)
+end
+
+--- Adds a task: fn(...) runs as a coroutine. Returns the task record
+-- {done = bool, ok = bool, result = {…} | error = msg}.
+function Sched:spawn(fn, ...)
+  local co = coroutine.create(fn)
+  local task = { co = co, done = false }
+  self.tasks[co] = task
+  self.ntasks = self.ntasks + 1
+  local entry = { co, ... }
+  entry.n = select("#", ...) + 1
+  self.ready[#self.ready + 1] = entry
+  return task
+end
+
+--- Number of tasks not finished.
+function Sched:count() return self.ntasks end
+
+local unpack = table.unpack or unpack
+
+function Sched:_resume(entry)
+  local co = entry[1]
+  local task = self.tasks[co]
+  local res = { coroutine.resume(co, unpack(entry, 2, entry.n or #entry)) }
+  if coroutine.status(co) == "dead" then
+    task.done = true
+    if res[1] then
+      task.ok, task.result = true, { unpack(res, 2) }
+    else
+      task.ok, task.error = false, res[2]
+      self.errors[#self.errors + 1] = debug.traceback(co, tostring(res[2]))
+    end
+    self.tasks[co] = nil
+    self.ntasks = self.ntasks - 1
+    if task.on_done then task.on_done(task) end
+    return
+  end
+  local kind, arg = res[2], res[3]
+  if kind == SEND then
+    local ok, id = pcall(self.multi.add, self.multi, arg)
+    if ok then
+      self.by_id[id] = co
+    else
+      self.ready[#self.ready + 1] = { co, nil, { kind = "transport", message = tostring(id) }, n = 3 }
+    end
+  elseif kind == SLEEP then
+    self.sleeping[#self.sleeping + 1] = { at = self:now() + arg * 1000, co = co }
+  elseif kind == WAIT then
+    self.waiting[#self.waiting + 1] = { pred = arg, co = co }
+  else
+    -- a plain coroutine.yield from user code: run it again on the next turn
+    self.ready[#self.ready + 1] = { co, n = 1 }
+  end
+end
+
+--- Runs one turn: resumes ready tasks, then waits at most max_wait seconds
+-- for transfers or timers. Returns false when there is nothing left to do.
+function Sched:step(max_wait)
+  local ready = self.ready
+  self.ready = {}
+  for _, entry in ipairs(ready) do self:_resume(entry) end
+  -- waiters whose condition holds
+  if #self.waiting > 0 then
+    local still = {}
+    for _, w in ipairs(self.waiting) do
+      if w.pred() then self.ready[#self.ready + 1] = { w.co, n = 1 } else still[#still + 1] = w end
+    end
+    self.waiting = still
+  end
+  if #self.ready > 0 then
+    -- more to run now; collect finished transfers without waiting
+    if self.multi:pending() > 0 then self:_collect(0) end
+    return true
+  end
+  local now = self:now()
+  local next_wake
+  if #self.sleeping > 0 then
+    local still = {}
+    for _, s in ipairs(self.sleeping) do
+      if s.at <= now then self.ready[#self.ready + 1] = { s.co, n = 1 }
+      else
+        still[#still + 1] = s
+        if not next_wake or s.at < next_wake then next_wake = s.at end
+      end
+    end
+    self.sleeping = still
+    if #self.ready > 0 then return true end
+  end
+  if self.multi:pending() == 0 and not next_wake and #self.waiting == 0 then
+    return self.ntasks > 0 and #self.ready > 0
+  end
+  local wait = max_wait or 1
+  if next_wake then wait = math.min(wait, math.max(0, (next_wake - now) / 1000)) end
+  if #self.waiting > 0 then wait = math.min(wait, 0.01) end
+  self:_collect(wait)
+  return true
+end
+
+function Sched:_collect(wait)
+  for _, done in ipairs(self.multi:wait(wait)) do
+    local co = self.by_id[done.id]
+    if co then
+      self.by_id[done.id] = nil
+      self.ready[#self.ready + 1] = { co, done.res, done.err, n = 3 }
+    end
+  end
+end
+
+--- Runs until every task is finished. Returns true, or false and the first
+-- task error (a traceback) when a task raised.
+function Sched:run()
+  while self.ntasks > 0 do
+    if not self:step(1) and self.ntasks > 0 and #self.ready == 0 then
+      return false, "enos.scheduler: tasks are stuck (waiting on nothing)"
+    end
+  end
+  if #self.errors > 0 then return false, self.errors[1] end
+  return true
+end
+
+function Sched:close()
+  if self.multi then self.multi:close() end
+end
+
+return M

@@ -1,0 +1,124 @@
+-- The concurrent transport: libcurl multi under the coroutine scheduler.
+local core = require "enos.core"
+local enos = require "enos"
+local scheduler = require "enos.scheduler"
+local H = require "helpers"
+
+local LOCATIONS = [[
+    location = /apim-token-service/v2.0/token/get {
+      content_by_lua_block { ngx.sleep(0.1) ngx.say('{"status":0,"msg":"SUCCESS","data":{"accessToken":"tok","expire":7200}}') }
+    }
+    location = /connect-service/v2.4/devices {
+      content_by_lua_block {
+        ngx.sleep(0.3)
+        local a = ngx.req.get_uri_args()
+        ngx.say('{"code":0,"msg":"OK","requestId":"r","data":{"assetId":"' .. a.assetId .. '","deviceKey":"k"}}')
+      }
+    }
+    location = /fast { return 200 'ok'; }
+    location = /drop { return 444; }
+]]
+
+describe("libcurl multi + scheduler", function()
+  local srv
+  setup(function() srv = H.nginx(LOCATIONS) end)
+  teardown(function() if srv then srv.stop() end end)
+
+  it("runs transfers concurrently: 10 slow calls take about one call's time", function()
+    local s = scheduler.new { timeout = 5 }
+    local results = {}
+    local started = core.monotonic_ms()
+    for i = 1, 10 do
+      s:spawn(function()
+        local res, err = s.transport:send { url = srv.url .. "/connect-service/v2.4/devices?assetId=a" .. i }
+        results[i] = res and res.status or err.kind
+      end)
+    end
+    assert(s:run())
+    local took = core.monotonic_ms() - started
+    for i = 1, 10 do assert.equal(200, results[i]) end
+    assert.is_true(took < 1500, "took " .. took .. " ms for 10 x 300 ms")
+    s:close()
+  end)
+
+  it("reuses connections across sequential transfers", function()
+    local s = scheduler.new { timeout = 5 }
+    local news = {}
+    s:spawn(function()
+      for i = 1, 5 do news[i] = assert(s.transport:send { url = srv.url .. "/fast" }).new_connections end
+    end)
+    assert(s:run())
+    assert.equal(1, news[1])
+    for i = 2, 5 do assert.equal(0, news[i]) end
+  end)
+
+  it("reports transport errors per transfer and keeps going", function()
+    local s = scheduler.new { timeout = 5 }
+    local out = {}
+    s:spawn(function() local _, e = s.transport:send { method = "POST", url = srv.url .. "/drop", body = "x" } out.drop = e end)
+    s:spawn(function() out.ok = s.transport:send { url = srv.url .. "/fast" } end)
+    assert(s:run())
+    assert.equal("transport", out.drop.kind)
+    assert.is_true(out.drop.request_sent)
+    assert.equal("ok", out.ok.body)
+  end)
+
+  it("sleep yields to other tasks", function()
+    local s = scheduler.new {}
+    local order = {}
+    s:spawn(function() s:sleep(0.2) order[#order + 1] = "slow" end)
+    s:spawn(function() s:sleep(0.05) order[#order + 1] = "fast" end)
+    local t0 = core.monotonic_ms()
+    assert(s:run())
+    assert.same({ "fast", "slow" }, order)
+    assert.is_true(core.monotonic_ms() - t0 < 600)
+  end)
+
+  it("a task error is reported, not swallowed", function()
+    local s = scheduler.new {}
+    s:spawn(function() error("boom") end)
+    local ok, err = s:run()
+    assert.is_false(ok)
+    assert.matches("boom", err)
+  end)
+
+  it("many coroutines share one client and fetch the token once (single flight)", function()
+    local s = scheduler.new { timeout = 5 }
+    local token_requests = 0
+    local counting = {
+      send = function(_, req)
+        if req.url:find("token", 1, true) then token_requests = token_requests + 1 end
+        return s.transport:send(req)
+      end,
+      wait_for = function(_, pred) return s:wait_for(pred) end,
+    }
+    local c = assert(enos.client { endpoint = srv.url, access_key = "ak", secret_key = "sk", org_id = "o1",
+      transport = counting })
+    local got = {}
+    for i = 1, 20 do
+      s:spawn(function()
+        local d, err = c:get_device { assetId = "a" .. i }
+        got[i] = d and d.assetId or tostring(err)
+      end)
+    end
+    local t0 = core.monotonic_ms()
+    assert(s:run())
+    for i = 1, 20 do assert.equal("a" .. i, got[i]) end
+    assert.equal(1, token_requests)
+    assert.is_true(core.monotonic_ms() - t0 < 2000)
+  end)
+
+  it("send outside a task blocks until done", function()
+    local s = scheduler.new { timeout = 5 }
+    local res = assert(s.transport:send { url = srv.url .. "/fast" })
+    assert.equal(200, res.status)
+  end)
+
+  it("close is idempotent", function()
+    local m = core.multi {}
+    m:close()
+    m:close()
+    assert.equal("enos.multi (closed)", tostring(m))
+    assert.has_error(function() m:add { url = "http://127.0.0.1/" } end)
+  end)
+end)
