@@ -78,9 +78,11 @@ install: both
 	install -m 755 build/lua5.4/enos/core.so $(LUA_CDIR)/enos/core.so
 	install -m 755 build/luajit/enos/core.so $(JIT_CDIR)/enos/core.so
 	for f in bin/*; do install -m 755 $$f $(DESTDIR)$(PREFIX)/bin/; done
+	install -d $(DESTDIR)$(PREFIX)/share/enos/sim
+	cp -R sim/. $(DESTDIR)$(PREFIX)/share/enos/sim/
 
 uninstall:
-	rm -rf $(LUA_LDIR)/enos $(LUA_CDIR)/enos $(JIT_LDIR)/enos $(JIT_CDIR)/enos
+	rm -rf $(LUA_LDIR)/enos $(LUA_CDIR)/enos $(JIT_LDIR)/enos $(JIT_CDIR)/enos $(DESTDIR)$(PREFIX)/share/enos
 
 clean:
 	rm -rf build

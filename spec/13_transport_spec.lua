@@ -49,6 +49,14 @@ describe("libcurl transport over HTTP", function()
     t:close()
   end)
 
+  it("opens a fresh connection for a request that must not be re-sent", function()
+    local t = core.easy { timeout = 5 }
+    assert(t:send { url = srv.url .. "/ok" })
+    local res = assert(t:send { method = "POST", url = srv.url .. "/echo", body = "x", fresh_connect = true })
+    assert.equal(1, res.new_connections)
+    t:close()
+  end)
+
   it("honours the timeout and says timeout", function()
     local t = core.easy { timeout = 0.3 }
     local started = core.monotonic_ms()

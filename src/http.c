@@ -202,7 +202,7 @@ void enos_xfer_free(enos_xfer *x) {
 const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_http_opts *o, int copy_body) {
   const char *method, *url, *body = NULL;
   size_t bodylen = 0;
-  long timeout_ms;
+  long timeout_ms, fresh;
   int hdr_tab, nh = 0, i;
 
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
@@ -218,6 +218,12 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   }
   lua_pop(L, 1);
   timeout_ms = opt_ms(L, idx, "timeout", o->timeout_ms);
+  /* A request that must not be sent twice gets a new connection: libcurl
+   * silently re-sends a request whose reused connection died before any reply,
+   * which for a replace that was applied would apply it again. */
+  lua_getfield(L, idx, "fresh_connect");
+  fresh = lua_toboolean(L, -1) ? 1L : 0L;
+  lua_pop(L, 1);
 
   /* Header lines are formatted first (as Lua strings), so no Lua error can
    * happen while the curl_slist is being built. */
@@ -259,6 +265,7 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   if (curl_easy_setopt(x->curl, CURLOPT_URL, url) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, x->slist) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_TIMEOUT_MS, timeout_ms) != CURLE_OK ||
+      curl_easy_setopt(x->curl, CURLOPT_FRESH_CONNECT, fresh) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_CUSTOMREQUEST, (char *)NULL) != CURLE_OK)
     return "libcurl rejected the URL or an option";
   if (strcmp(method, "GET") == 0 && body == NULL) {

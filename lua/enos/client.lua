@@ -327,6 +327,8 @@ function Client:_sign(spec, token)
   return setmetatable({
     method = spec.method, url = self.endpoint .. spec.path .. (qs ~= "" and "?" .. qs or ""),
     headers = headers, body = spec.body, timeout = self.timeout,
+    -- not idempotent: never let the transport re-send it on its own
+    fresh_connect = spec.idempotent == false or nil,
   }, Request)
 end
 
@@ -522,7 +524,7 @@ function CALLS.replace_device(self, p)
   local body = { newDeviceKey = p.newDeviceKey }
   if p.requireSecret and self.api_version ~= "v2.1" then body.requireSecret = true end
   return {
-    method = "POST", path = self:_path("devices"), query = query,
+    method = "POST", path = self:_path("devices"), query = query, idempotent = false,
     body = json.encode_object(body, { "newDeviceKey", "requireSecret" }),
   }
 end
@@ -592,6 +594,7 @@ function CALLS.add_sub_devices(self, p)
   if not spec then return nil, err end
   spec.body = json.encode { gateway = spec.gateway, subDevices = p.subDevices }
   spec.gateway = nil
+  spec.idempotent = false
   return spec
 end
 
@@ -690,7 +693,9 @@ function Client:request(p)
   local body = p.body
   if type(body) == "table" then body = json.encode(body)
   elseif body ~= nil and type(body) ~= "string" then return nil, errors.arg("body", "body must be a table or a string") end
-  return self:_call { method = method, path = p.path, query = query, body = body }
+  -- GET is idempotent; anything else is treated as not, unless the caller says so
+  local idempotent = method == "GET" or p.idempotent == true
+  return self:_call { method = method, path = p.path, query = query, body = body, idempotent = idempotent }
 end
 
 return M

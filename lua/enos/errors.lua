@@ -81,7 +81,9 @@ function M.from_code(code, msg, request_id)
   if type(code) == "number" and code % 1 == 0 then code = tonumber(string.format("%d", code)) end
   local kind = CODE_KIND[code] or "server"
   local message = msg ~= nil and tostring(msg) or ""
-  if code == 99400 and (message:lower():find("not exist", 1, true) or message:lower():find("not found", 1, true)) then
+  local lower = message:lower()
+  if code == 99400 and (lower:find("device", 1, true) or lower:find("asset", 1, true))
+    and (lower:find("not exist", 1, true) or lower:find("not found", 1, true)) then
     kind = "not_found"
   elseif code == 11858 then
     message = "no RSA key pair is registered for this application (" .. message .. ")"
