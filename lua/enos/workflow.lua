@@ -1,0 +1,846 @@
+--- The replacement workflow: the whole job around one Replace Device call.
+--
+-- preflight → (confirm) → replace, reconciling unknown outcomes → deliver → verify → wait.
+-- The new secret is delivered right after the replace (before verification) so that
+-- nothing that happens later can lose it.
+-- @module enos.workflow
+local core = require "enos.core"
+local errors = require "enos.errors"
+local json = require "enos.json"
+local client_mod = require "enos.client"
+
+local M = {}
+
+--- Default options (all may be overridden in `opts`).
+M.DEFAULTS = {
+  check_free = true,       -- search that newDeviceKey is free before changing anything
+  verify = true,
+  max_attempts = 3,        -- replace attempts in all, first one included
+  read_attempts = 3,       -- attempts of each idempotent read (get, search)
+  backoff_ms = 500,        -- first backoff; doubles per attempt
+  backoff_max_ms = 8000,
+  settle_ms = 2000,        -- pause after an unknown outcome before trusting a read-back (EnOS: ~2 s)
+  verify_attempts = 3,     -- reads before a stale-looking verification counts as failed
+  poll_ms = 1000,          -- wait_active: first poll interval, grows x1.5
+  poll_max_ms = 10000,
+  format = "json",
+}
+
+local KNOWN_OPTS = {
+  check_free = true, verify = true, max_attempts = true, read_attempts = true, backoff_ms = true,
+  backoff_max_ms = true, settle_ms = true, verify_attempts = true, poll_ms = true, poll_max_ms = true,
+  format = true, require_secret = true, dry_run = true, out = true, overwrite = true, wait_active = true,
+  sleep = true, clock = true, confirm = true, on_step = true, record = true,
+}
+
+M.FORMATS = { json = true, env = true, text = true }
+
+-- ---------------------------------------------------------------- small helpers
+
+local function default_sleep(seconds)
+  if seconds <= 0 then return end
+  local ok, socket = pcall(require, "socket")
+  if ok and socket.sleep then return socket.sleep(seconds) end
+  os.execute(string.format("sleep %.3f", seconds))
+end
+M.default_sleep = default_sleep
+
+local function shell_quote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
+-- os.execute differs between 5.1/LuaJIT (a number) and 5.2+ (true|nil, how, code).
+local function run(cmd)
+  local a = os.execute(cmd)
+  if type(a) == "number" then return a == 0 end
+  return a == true
+end
+
+local function exists(path)
+  local f = io.open(path, "rb")
+  if f then f:close() return true end
+  return run("test -e " .. shell_quote(path) .. " -o -L " .. shell_quote(path))
+end
+
+local function copy_fields(src, names)
+  local out = {}
+  for _, k in ipairs(names) do out[k] = src[k] end
+  return out
+end
+
+local DEVICE_FIELDS = { "assetId", "productKey", "deviceKey", "status", "productType", "activeTime",
+  "lastOnlineTime", "orgId" }
+
+local function ident_of(t)
+  if t.assetId then return { assetId = t.assetId, orgId = t.orgId } end
+  return { productKey = t.productKey, deviceKey = t.deviceKey, orgId = t.orgId }
+end
+
+local function describe_target(t)
+  if t.assetId then return "assetId " .. t.assetId end
+  return "productKey " .. tostring(t.productKey) .. " deviceKey " .. tostring(t.deviceKey)
+end
+
+-- ---------------------------------------------------------------- the report
+
+local Report = {}
+Report.__index = Report
+Report.__name = "enos.workflow.report"
+
+local function fmt_ms(ms)
+  if ms == nil then return "?" end
+  if ms >= 10000 then return string.format("%.1f s", ms / 1000) end
+  return string.format("%d ms", math.floor(ms + 0.5))
+end
+M.fmt_ms = fmt_ms
+
+--- A multi-line summary; never shows a secret.
+function Report.__tostring(r)
+  local lines = {}
+  local t = r.target or {}
+  lines[#lines + 1] = string.format("enos.workflow.report: %s (%s) %s -> %s", tostring(r.outcome),
+    r.ok and "ok" or "not ok", describe_target(t), tostring(t.newDeviceKey))
+  if r.old then
+    lines[#lines + 1] = string.format("  old: assetId=%s productKey=%s deviceKey=%s status=%s",
+      tostring(r.old.assetId), tostring(r.old.productKey), tostring(r.old.deviceKey), tostring(r.old.status))
+  end
+  if r.new then
+    local sec = r.new.deviceSecret and "decrypted" or (r.new.encrypted and "encrypted only" or "none")
+    lines[#lines + 1] = string.format("  new: assetId=%s productKey=%s deviceKey=%s secret=%s",
+      tostring(r.new.assetId), tostring(r.new.productKey), tostring(r.new.deviceKey), sec)
+  end
+  for _, s in ipairs(r.steps) do
+    lines[#lines + 1] = string.format("  step %-9s %-8s %8s  %s", s.name, s.outcome, fmt_ms(s.ms),
+      s.detail and tostring(s.detail) or "")
+  end
+  for _, w in ipairs(r.warnings) do lines[#lines + 1] = "  warning: " .. w end
+  if r.error then lines[#lines + 1] = "  error: " .. tostring(r.error) end
+  return table.concat(lines, "\n")
+end
+
+--- The provisioning record of a report (includes the secret): a table, or nil when nothing was replaced.
+function Report:record()
+  return self._record
+end
+
+-- ---------------------------------------------------------------- context
+
+local Ctx = {}
+Ctx.__index = Ctx
+
+function Ctx:now() return self.clock() end
+
+function Ctx:begin(name)
+  return { name = name, t0 = self:now() }
+end
+
+function Ctx:finish(s, outcome, detail)
+  local step = { name = s.name, outcome = outcome, ms = self:now() - s.t0, detail = detail }
+  local steps = self.report.steps
+  steps[#steps + 1] = step
+  if self.on_step then self.on_step(step, self.report) end
+  return step
+end
+
+function Ctx:warn(msg)
+  local w = self.report.warnings
+  w[#w + 1] = msg
+end
+
+function Ctx:sleep_ms(ms)
+  if ms <= 0 then return end
+  self.report.slept_ms = (self.report.slept_ms or 0) + ms
+  self.sleep(ms / 1000)
+end
+
+-- Exponential backoff with jitter; honours Retry-After.
+function Ctx:backoff(attempt, err)
+  local ms = math.min(self.o.backoff_max_ms, self.o.backoff_ms * 2 ^ (attempt - 1))
+  ms = ms * (0.75 + 0.5 * math.random())
+  if err and type(err.retry_after) == "number" then
+    ms = math.max(ms, math.min(err.retry_after * 1000, 60000))
+  end
+  self:sleep_ms(math.floor(ms))
+end
+
+-- Retries an idempotent read on retryable (or garbled-reply) errors.
+function Ctx:read(fn)
+  local attempt = 0
+  while true do
+    attempt = attempt + 1
+    local r, e1, e2 = fn()
+    if r then return r, e1, e2 end
+    local err = e1
+    if not (errors.is(err) and (err.retryable or err.kind == "protocol")) or attempt >= self.o.read_attempts then
+      return nil, err
+    end
+    self:backoff(attempt, err)
+  end
+end
+
+-- Ends the workflow with an error carrying the report.
+function Ctx:fail(err, step, outcome)
+  local r = self.report
+  r.ok = false
+  r.outcome = outcome or r.outcome or "refused"
+  err.step = err.step or step
+  err.report = r
+  r.error = err
+  r.ms = self:now() - self.t0
+  return nil, err
+end
+
+-- ---------------------------------------------------------------- options
+
+local function check_opts(opts)
+  for k in pairs(opts) do
+    if not KNOWN_OPTS[k] then return nil, errors.arg(tostring(k), "unknown workflow option '" .. tostring(k) .. "'") end
+  end
+  local o = {}
+  for k, v in pairs(M.DEFAULTS) do o[k] = v end
+  for k, v in pairs(opts) do o[k] = v end
+  for _, k in ipairs { "max_attempts", "read_attempts", "verify_attempts" } do
+    if type(o[k]) ~= "number" or o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
+  end
+  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "poll_ms", "poll_max_ms" } do
+    if type(o[k]) ~= "number" or o[k] < 0 then return nil, errors.arg(k, k .. " must be a number >= 0") end
+  end
+  if o.wait_active ~= nil and (type(o.wait_active) ~= "number" or o.wait_active < 0) then
+    return nil, errors.arg("wait_active", "wait_active must be a number of seconds >= 0")
+  end
+  if not M.FORMATS[o.format] then return nil, errors.arg("format", "format must be json, env or text") end
+  if o.out ~= nil and (type(o.out) ~= "string" or o.out == "" or o.out:sub(-1) == "/") then
+    return nil, errors.arg("out", "out must be a file path")
+  end
+  if o.require_secret ~= nil and type(o.require_secret) ~= "boolean" then
+    return nil, errors.arg("require_secret", "require_secret must be a boolean")
+  end
+  for _, k in ipairs { "sleep", "clock", "confirm", "on_step" } do
+    if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
+  end
+  return o
+end
+
+local function check_target(target)
+  local t = {}
+  for k, v in pairs(target) do
+    if k ~= "assetId" and k ~= "productKey" and k ~= "deviceKey" and k ~= "newDeviceKey" and k ~= "orgId" then
+      return nil, errors.arg(tostring(k), "unknown target field '" .. tostring(k) .. "'")
+    end
+    if type(v) ~= "string" or v == "" then return nil, errors.arg(tostring(k), k .. " must be a non-empty string") end
+    t[k] = v
+  end
+  if t.assetId and (t.productKey or t.deviceKey) then
+    return nil, errors.arg("assetId", "give either assetId or productKey+deviceKey, not both")
+  end
+  if not t.assetId and not (t.productKey and t.deviceKey) then
+    return nil, errors.arg("assetId", "target needs assetId, or productKey and deviceKey")
+  end
+  local ok, err = client_mod.check_device_key(t.newDeviceKey)
+  if not ok then return nil, err end
+  return t
+end
+
+-- ---------------------------------------------------------------- delivery
+
+local function iso8601(epoch)
+  return os.date("!%Y-%m-%dT%H:%M:%SZ", epoch)
+end
+
+local RECORD_ORDER = { "assetId", "productKey", "deviceKey", "deviceSecret", "encrypted", "orgId", "endpoint",
+  "apiVersion", "replacedAt", "outcome", "requestId" }
+
+--- Builds the provisioning record (with the secret) from a replace result.
+function M.make_record(client, new, extra)
+  local rec = {
+    assetId = new.assetId, productKey = new.productKey, deviceKey = new.deviceKey,
+    deviceSecret = new.deviceSecret, orgId = new.orgId or client.org_id, endpoint = client.endpoint,
+    apiVersion = client.api_version, replacedAt = iso8601(os.time()), requestId = new.requestId,
+  }
+  if new.encrypted and (new.encrypted.deviceSecret or new.encrypted.sessionKey) then
+    rec.encrypted = { deviceSecret = new.encrypted.deviceSecret, sessionKey = new.encrypted.sessionKey }
+  end
+  for k, v in pairs(extra or {}) do rec[k] = v end
+  return rec
+end
+
+local function env_value(v)
+  v = tostring(v)
+  if v:match("^[%w%._%-/+=:@]*$") then return v end
+  return "'" .. v:gsub("'", "'\\''") .. "'"
+end
+
+local ENV_NAMES = {
+  { "assetId", "ENOS_ASSET_ID" }, { "productKey", "ENOS_PRODUCT_KEY" }, { "deviceKey", "ENOS_DEVICE_KEY" },
+  { "deviceSecret", "ENOS_DEVICE_SECRET" }, { "orgId", "ENOS_ORG_ID" }, { "endpoint", "ENOS_ENDPOINT" },
+  { "apiVersion", "ENOS_API_VERSION" }, { "replacedAt", "ENOS_REPLACED_AT" },
+}
+
+--- Renders a record as json | env | text.
+function M.render_record(rec, format)
+  if format == "env" then
+    local out = { "# EnOS device credentials; keep this file private (mode 0600)" }
+    for _, p in ipairs(ENV_NAMES) do
+      if rec[p[1]] ~= nil then out[#out + 1] = p[2] .. "=" .. env_value(rec[p[1]]) end
+    end
+    if rec.encrypted then
+      out[#out + 1] = "ENOS_DEVICE_SECRET_ENCRYPTED=" .. env_value(rec.encrypted.deviceSecret or "")
+      out[#out + 1] = "ENOS_SESSION_KEY_ENCRYPTED=" .. env_value(rec.encrypted.sessionKey or "")
+    end
+    return table.concat(out, "\n") .. "\n"
+  elseif format == "text" then
+    local out = {}
+    for _, k in ipairs(RECORD_ORDER) do
+      local v = rec[k]
+      if type(v) == "table" then
+        out[#out + 1] = string.format("%-13s %s", k .. ".deviceSecret:", tostring(v.deviceSecret))
+        out[#out + 1] = string.format("%-13s %s", k .. ".sessionKey:", tostring(v.sessionKey))
+      elseif v ~= nil then
+        out[#out + 1] = string.format("%-13s %s", k .. ":", tostring(v))
+      end
+    end
+    return table.concat(out, "\n") .. "\n"
+  end
+  local parts = {}
+  local seen = {}
+  local keys = {}
+  for _, k in ipairs(RECORD_ORDER) do keys[#keys + 1] = k; seen[k] = true end
+  local extra = {}
+  for k in pairs(rec) do if not seen[k] then extra[#extra + 1] = k end end
+  table.sort(extra)
+  for _, k in ipairs(extra) do keys[#keys + 1] = k end
+  for _, k in ipairs(keys) do
+    local v = rec[k]
+    if v ~= nil then
+      local ev
+      if type(v) == "table" then
+        ev = json.encode_object(v, { "deviceSecret", "sessionKey" })
+      else
+        ev = json.encode(v)
+      end
+      parts[#parts + 1] = "  " .. json.encode(k) .. ": " .. ev
+    end
+  end
+  return "{\n" .. table.concat(parts, ",\n") .. "\n}\n"
+end
+
+local function split_path(path)
+  local dir, base = path:match("^(.*)/([^/]+)$")
+  if not dir then return ".", path end
+  if dir == "" then dir = "/" end
+  return dir, base
+end
+
+local function tmp_name(path)
+  local dir, base = split_path(path)
+  local rnd = string.format("%x%x", math.random(0, 0x7fffffff), math.floor(core.monotonic_ms() * 1000) % 0x7fffffff)
+  return dir .. "/." .. base .. ".tmp-" .. rnd
+end
+
+-- Creates an empty file only readable by its owner, failing when it exists (umask 077 + noclobber).
+local function create_private(path)
+  return run("umask 077 && set -C && { : > " .. shell_quote(path) .. "; } 2>/dev/null")
+end
+
+--- Checks that `path` could be written: refuses an existing file unless overwrite, and a directory
+-- where we cannot create files. Returns true | nil, err.
+function M.check_writable(path, overwrite)
+  if exists(path) and not overwrite then
+    return nil, errors.arg("out", "output file " .. path .. " exists; refusing to overwrite it (use overwrite)")
+  end
+  local probe = tmp_name(path)
+  if not create_private(probe) then
+    local dir = split_path(path)
+    return nil, errors.arg("out", "cannot create files in " .. dir)
+  end
+  os.remove(probe)
+  return true
+end
+
+--- Writes content to path with mode 0600: a private temp file in the same directory, then a hard
+-- link (fails when path exists: O_EXCL semantics) or, with overwrite, a rename. Returns true | nil, err.
+function M.write_private(path, content, overwrite)
+  local tmp
+  for _ = 1, 5 do
+    local cand = tmp_name(path)
+    if create_private(cand) then tmp = cand break end
+  end
+  if not tmp then
+    return nil, errors.arg("out", "cannot create a temporary file next to " .. path)
+  end
+  local f, ferr = io.open(tmp, "wb")
+  if not f then os.remove(tmp) return nil, errors.arg("out", "cannot open " .. tmp .. ": " .. tostring(ferr)) end
+  local ok, werr = f:write(content)
+  local cok, cerr = f:close()
+  if not ok or not cok then
+    os.remove(tmp)
+    return nil, errors.arg("out", "cannot write " .. tmp .. ": " .. tostring(werr or cerr))
+  end
+  run("chmod 600 " .. shell_quote(tmp) .. " && sync " .. shell_quote(tmp) .. " 2>/dev/null")
+  if overwrite then
+    local rok, rerr = os.rename(tmp, path)
+    if not rok then
+      os.remove(tmp)
+      return nil, errors.arg("out", "cannot rename into " .. path .. ": " .. tostring(rerr))
+    end
+  else
+    local linked = run("ln -- " .. shell_quote(tmp) .. " " .. shell_quote(path) .. " 2>/dev/null")
+    os.remove(tmp)
+    if not linked then
+      return nil, errors.arg("out", "output file " .. path .. " exists (or cannot be created); not overwritten")
+    end
+  end
+  return true
+end
+
+-- ---------------------------------------------------------------- steps
+
+local function preflight(ctx, client, target)
+  local s = ctx:begin("preflight")
+  local report, o = ctx.report, ctx.o
+  local ident = ident_of(target)
+  local dev, err = ctx:read(function() return client:get_device(ident) end)
+  if not dev then
+    if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
+      err.message = "device not found (" .. describe_target(target) .. "): " .. tostring(err.message)
+      err.refused = true
+    end
+    ctx:finish(s, "failed", tostring(err))
+    return nil, err
+  end
+  report.old = copy_fields(dev, DEVICE_FIELDS)
+  report.old.deviceName = type(dev.deviceName) == "table" and dev.deviceName.defaultValue or dev.deviceName
+  ctx.asset = { assetId = dev.assetId, orgId = target.orgId }
+  local function refuse(kind, msg, fields)
+    local e = errors.new(kind, msg, fields)
+    e.refused = true
+    ctx:finish(s, "refused", msg)
+    return nil, e
+  end
+  if dev.status == "disable" then
+    return refuse("conflict", "device " .. dev.assetId .. " is disabled; enable it before replacing it")
+  elseif dev.status == "mirror" then
+    return refuse("conflict", "device " .. dev.assetId .. " is a mirror device; replace it in its source OU")
+  end
+  if dev.deviceKey == target.newDeviceKey then
+    return refuse("invalid_argument", "newDeviceKey " .. target.newDeviceKey ..
+      " equals the current deviceKey (EnOS would answer 11704)", { field = "newDeviceKey" })
+  end
+  if o.check_free then
+    local expr = string.format("productKey = '%s' and deviceKey = '%s'", dev.productKey, target.newDeviceKey)
+    local list, serr = ctx:read(function()
+      return client:search_devices { expression = expr, pageNo = 1, pageSize = 10, orgId = target.orgId }
+    end)
+    if not list then
+      ctx:warn("could not check that newDeviceKey is free (" .. tostring(serr) .. "); the replace will tell")
+    else
+      for _, d in ipairs(list) do
+        if d.deviceKey == target.newDeviceKey and d.assetId ~= dev.assetId then
+          return refuse("conflict", "newDeviceKey " .. target.newDeviceKey .. " is already used by asset " ..
+            tostring(d.assetId) .. " in product " .. tostring(dev.productKey), { field = "newDeviceKey" })
+        end
+      end
+    end
+  end
+  if dev.productType == "Gateway" then
+    local subs, page = {}, 1
+    while true do
+      local list, pg = ctx:read(function()
+        return client:search_sub_devices { assetId = dev.assetId, orgId = target.orgId, pageNo = page, pageSize = 200 }
+      end)
+      if not list then
+        pg.message = "cannot list the gateway's sub-devices: " .. tostring(pg.message)
+        ctx:finish(s, "failed", tostring(pg))
+        return nil, pg
+      end
+      for _, d in ipairs(list) do
+        subs[#subs + 1] = { assetId = d.assetId, productKey = d.productKey, deviceKey = d.deviceKey }
+      end
+      local total = type(pg) == "table" and tonumber(pg.totalSize)
+      if #list < 200 or not total or #subs >= total then break end
+      page = page + 1
+    end
+    ctx.subs_before = subs
+    report.subdevices = { before = #subs, after = nil, reattached = 0 }
+  end
+  if o.out then
+    local ok, werr = M.check_writable(o.out, o.overwrite)
+    if not ok then
+      werr.refused = true
+      ctx:finish(s, "refused", werr.message)
+      return nil, werr
+    end
+  end
+  ctx:finish(s, "ok", string.format("%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
+    tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or ""))
+  return dev
+end
+
+-- An outcome we did not see: the request may have been applied.
+local function outcome_unknown(err)
+  local k = err.kind
+  if k == "transport" or k == "timeout" then return err.request_sent ~= false end
+  return k == "server" or k == "rate_limited" or k == "protocol"
+end
+
+-- Reads the device back after an unknown outcome. Returns state, device|err:
+-- "replaced" (with the secret when asked), "unchanged", "elsewhere" (key changed by someone else),
+-- "unreadable".
+local function read_back(ctx, client, target, old_key)
+  local s = ctx:begin("reconcile")
+  ctx:sleep_ms(ctx.o.settle_ms)
+  local dev, err = ctx:read(function() return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId } end)
+  if not dev then
+    ctx:finish(s, "failed", "read-back failed: " .. tostring(err))
+    return "unreadable", err
+  end
+  if dev.deviceKey == target.newDeviceKey then
+    local full = dev
+    if ctx.require_secret or client.api_version == "v2.1" then
+      local f, ferr = ctx:read(function()
+        return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId, requireSecret = ctx.require_secret }
+      end)
+      if f and f.deviceKey == target.newDeviceKey then
+        full = f
+      else
+        ctx:warn("the replace happened but reading its secret failed: " .. tostring(ferr))
+      end
+    end
+    ctx:finish(s, "replaced", "device already has the new key " .. target.newDeviceKey)
+    return "replaced", full
+  elseif dev.deviceKey == old_key then
+    ctx:finish(s, "unchanged", "device still has key " .. tostring(old_key))
+    return "unchanged", dev
+  end
+  ctx:finish(s, "elsewhere", "device key is now " .. tostring(dev.deviceKey))
+  return "elsewhere", dev
+end
+
+local function result_of(r, reconciled)
+  local new = {
+    assetId = r.assetId, productKey = r.productKey, deviceKey = r.deviceKey, deviceSecret = r.deviceSecret,
+    requestId = r.requestId, orgId = r.orgId,
+  }
+  if r.encrypted then new.encrypted = { deviceSecret = r.encrypted.deviceSecret, sessionKey = r.encrypted.sessionKey } end
+  if r.err then new.decrypt_error = tostring(r.err) end
+  new.reconciled = reconciled or nil
+  return new
+end
+
+local function replace(ctx, client, target, dev)
+  local params = ident_of(target)
+  params.newDeviceKey = target.newDeviceKey
+  if ctx.require_secret then params.requireSecret = true end
+  local unknown_seen, last_err = false
+  local attempt = 0
+  while true do
+    attempt = attempt + 1
+    ctx.report.attempts = attempt
+    local s = ctx:begin("replace")
+    local r, err = client:replace_device(params)
+    if r then
+      ctx:finish(s, "ok", string.format("attempt %d, request %s", attempt, tostring(r.requestId)))
+      return result_of(r, false), nil, "replaced"
+    end
+    last_err = err
+    local unknown = outcome_unknown(err)
+    local not_sent = (err.kind == "transport" or err.kind == "timeout") and err.request_sent == false
+    ctx:finish(s, unknown and "unknown" or "failed", string.format("attempt %d: %s", attempt, tostring(err)))
+    if unknown or unknown_seen then
+      -- Our earlier attempt may have taken the key: a conflict or "not found" now proves nothing.
+      unknown_seen = true
+      local state, d = read_back(ctx, client, target, dev.deviceKey)
+      if state == "replaced" then
+        return result_of(d, true), nil, "reconciled"
+      elseif state == "unreadable" then
+        local e = errors.new(last_err.kind, "OUTCOME UNKNOWN: the replace of asset " .. ctx.asset.assetId ..
+          " may have happened (" .. tostring(last_err.message) .. ") and reading the device back failed (" ..
+          tostring(d) .. "); check it with Get Device before retrying", {
+            code = last_err.code, status = last_err.status, request_id = last_err.request_id,
+            outcome_unknown = true, cause = d })
+        return nil, e, "unknown"
+      elseif state == "elsewhere" then
+        return nil, errors.new("conflict", "device " .. ctx.asset.assetId .. " key changed to " ..
+          tostring(d.deviceKey) .. " by someone else meanwhile; not retrying"), "failed"
+      end
+      -- unchanged: retry only what may be retried
+      if not (unknown or err.retryable) or attempt >= ctx.o.max_attempts then
+        err.message = tostring(err.message) .. string.format(" (after %d attempt%s; read-back: device unchanged)",
+          attempt, attempt == 1 and "" or "s")
+        return nil, err, "failed"
+      end
+    elseif not (not_sent and attempt < ctx.o.max_attempts) then
+      return nil, err, not_sent and "failed" or "refused"
+    end
+    -- (a request that never left is retried plainly)
+    ctx:backoff(attempt, err)
+  end
+end
+
+local function verify(ctx, client, target)
+  local s = ctx:begin("verify")
+  local report = ctx.report
+  local problems, notes = {}, {}
+  local dev, err
+  for i = 1, ctx.o.verify_attempts do
+    dev, err = ctx:read(function() return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId } end)
+    if dev and dev.deviceKey == target.newDeviceKey then break end
+    if i < ctx.o.verify_attempts then ctx:sleep_ms(ctx.o.settle_ms) end
+  end
+  if not dev then
+    problems[#problems + 1] = "cannot read the device back: " .. tostring(err)
+  else
+    report.new.status = dev.status
+    if dev.deviceKey ~= target.newDeviceKey then
+      problems[#problems + 1] = "device shows key " .. tostring(dev.deviceKey) .. ", not " .. target.newDeviceKey
+    end
+    if dev.assetId ~= ctx.asset.assetId then
+      problems[#problems + 1] = "assetId changed to " .. tostring(dev.assetId)
+    end
+    if report.old and dev.productKey ~= report.old.productKey then
+      problems[#problems + 1] = "productKey changed to " .. tostring(dev.productKey)
+    end
+    if dev.status == "online" or dev.status == "offline" then
+      notes[#notes + 1] = "status " .. dev.status .. " (new hardware already connected)"
+    elseif dev.status ~= "inactive" then
+      problems[#problems + 1] = "status is " .. tostring(dev.status) .. ", expected inactive"
+    end
+  end
+  if ctx.subs_before then
+    local sub_problem = M._check_subs(ctx, client, target)
+    if sub_problem then problems[#problems + 1] = sub_problem end
+    local sd = report.subdevices
+    if sd.reattached > 0 then notes[#notes + 1] = sd.reattached .. " sub-device(s) re-attached" end
+  end
+  if #problems > 0 then
+    local msg = table.concat(problems, "; ")
+    ctx:finish(s, "failed", msg)
+    return nil, errors.new("protocol", "verification failed: " .. msg, { step = "verify", verify_failed = true })
+  end
+  ctx:finish(s, "ok", #notes > 0 and table.concat(notes, "; ") or
+    string.format("key %s, assetId %s, status %s", target.newDeviceKey, ctx.asset.assetId, tostring(dev.status)))
+  return true
+end
+
+local function list_subs(ctx, client, target)
+  local out, page = {}, 1
+  while true do
+    local list, pg = ctx:read(function()
+      return client:search_sub_devices { assetId = ctx.asset.assetId, orgId = target.orgId, pageNo = page, pageSize = 200 }
+    end)
+    if not list then return nil, pg end
+    for _, d in ipairs(list) do out[d.assetId] = d end
+    local total = type(pg) == "table" and tonumber(pg.totalSize)
+    if #list < 200 or not total or page * 200 >= total then break end
+    page = page + 1
+  end
+  return out
+end
+
+-- Compares sub-devices with the preflight list; re-attaches missing ones. Returns a problem string or nil.
+function M._check_subs(ctx, client, target)
+  local sd = ctx.report.subdevices
+  local now, err = list_subs(ctx, client, target)
+  if not now then return "cannot list sub-devices: " .. tostring(err) end
+  local missing = {}
+  for _, d in ipairs(ctx.subs_before) do
+    if not now[d.assetId] then
+      missing[#missing + 1] = d.productKey and d.deviceKey and { productKey = d.productKey, deviceKey = d.deviceKey }
+        or { assetId = d.assetId }
+    end
+  end
+  local function count(t) local n = 0 for _ in pairs(t) do n = n + 1 end return n end
+  sd.after = count(now)
+  if #missing == 0 then return nil end
+  ctx:warn(#missing .. " sub-device(s) of gateway " .. ctx.asset.assetId .. " were detached by the replace; re-attaching")
+  local ok, aerr = client:add_sub_devices { assetId = ctx.asset.assetId, orgId = target.orgId, subDevices = missing }
+  if not ok then
+    sd.missing = missing
+    return #missing .. " sub-device(s) missing and re-attaching failed: " .. tostring(aerr)
+  end
+  now, err = list_subs(ctx, client, target)
+  if not now then return "cannot list sub-devices after re-attaching: " .. tostring(err) end
+  sd.after = count(now)
+  local still = {}
+  for _, d in ipairs(ctx.subs_before) do if not now[d.assetId] then still[#still + 1] = d end end
+  sd.reattached = #missing - #still
+  if #still > 0 then
+    sd.missing = still
+    return #still .. " sub-device(s) still missing after re-attaching"
+  end
+  return nil
+end
+
+local function deliver(ctx, client)
+  local s = ctx:begin("deliver")
+  local report, o = ctx.report, ctx.o
+  local new = report.new
+  local rec = M.make_record(client, new, o.record)
+  rec.outcome = report.outcome
+  report._record = rec
+  local expected = ctx.require_secret or client.api_version == "v2.1"
+  if expected and not rec.deviceSecret then
+    if rec.encrypted then
+      ctx:warn("the new deviceSecret could not be decrypted (" .. tostring(new.decrypt_error) ..
+        "); the encrypted pair is delivered instead")
+    else
+      ctx:warn("the new deviceSecret was not obtained; read it with Get Device requireSecret (assetId " ..
+        tostring(new.assetId) .. ")")
+    end
+  end
+  if not o.out then
+    ctx:finish(s, "ok", "returned in the report")
+    return true
+  end
+  local ok, err = M.write_private(o.out, M.render_record(rec, o.format), o.overwrite)
+  if not ok then
+    ctx:finish(s, "failed", err.message)
+    err.step = "deliver"
+    err.deliver_failed = true
+    return nil, err
+  end
+  report.delivered = { path = o.out, format = o.format, secret = rec.deviceSecret and "clear" or
+    (rec.encrypted and "encrypted" or "none") }
+  ctx:finish(s, "ok", "written to " .. o.out .. " (mode 0600, " .. o.format .. ")")
+  return true
+end
+
+local function wait_active(ctx, client, target)
+  local s = ctx:begin("wait")
+  local o = ctx.o
+  local t0 = ctx:now()
+  local deadline = t0 + o.wait_active * 1000
+  local interval = math.max(o.poll_ms, 1)
+  local w = { seconds = o.wait_active, online = false, polls = 0 }
+  ctx.report.wait = w
+  while true do
+    w.polls = w.polls + 1
+    local dev, err = client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId }
+    if dev then
+      w.status = dev.status
+      -- activeTime is reset by the replace: non-zero means the new hardware connected at least once
+      if dev.deviceKey == target.newDeviceKey and (dev.status == "online" or (tonumber(dev.activeTime) or 0) > 0) then
+        w.online = true
+        w.active_time = dev.activeTime
+        break
+      end
+    else
+      w.errors = (w.errors or 0) + 1
+      w.last_error = tostring(err)
+    end
+    local now = ctx:now()
+    if now >= deadline then break end
+    ctx:sleep_ms(math.floor(math.min(interval, deadline - now)))
+    interval = math.min(interval * 1.5, o.poll_max_ms)
+  end
+  w.waited_ms = ctx:now() - t0
+  if w.online then
+    ctx:finish(s, "ok", "online after " .. fmt_ms(w.waited_ms) .. " (" .. w.polls .. " polls)")
+  else
+    ctx:finish(s, "timeout", "not online after " .. fmt_ms(w.waited_ms) .. " (last status " .. tostring(w.status) .. ")")
+    ctx:warn("the new device did not come online within " .. o.wait_active .. " s")
+  end
+  return w.online
+end
+
+-- ---------------------------------------------------------------- the workflow
+
+--- Replaces a device and does everything around it.
+-- @param client an enos client
+-- @param target {assetId=} or {productKey=, deviceKey=}, plus newDeviceKey (and optionally orgId)
+-- @param opts see M.DEFAULTS, and: require_secret (default: when the client can decrypt, or V2.1),
+--   dry_run, out, format, overwrite, wait_active (s), sleep(s), clock() (ms), confirm(plan, report) -> bool,
+--   on_step(step, report), record (extra record fields)
+-- @return report | nil, err (err.report is the report so far). A report is returned whenever the replace
+--   happened, even when verification or delivery failed (then report.ok is false and report.error says why).
+function M.replace(client, target, opts)
+  if type(client) ~= "table" then error("enos.workflow.replace: client expected", 2) end
+  if type(target) ~= "table" then error("enos.workflow.replace: target table expected", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("enos.workflow.replace: opts must be a table", 2) end
+  local o, err = check_opts(opts or {})
+  if not o then return nil, err end
+  local t
+  t, err = check_target(target)
+  if not t then return nil, err end
+  local report = setmetatable({
+    ok = false, outcome = nil, target = t, steps = {}, warnings = {}, attempts = 0,
+  }, Report)
+  local ctx = setmetatable({
+    o = o, report = report, clock = o.clock or core.monotonic_ms, sleep = o.sleep or default_sleep,
+    on_step = o.on_step,
+  }, Ctx)
+  ctx.t0 = ctx:now()
+  if o.require_secret == nil then
+    ctx.require_secret = client.api_version ~= "v2.1" and client:has_private_key()
+  else
+    ctx.require_secret = o.require_secret and client.api_version ~= "v2.1"
+  end
+  report.require_secret = ctx.require_secret
+  if client.api_version ~= "v2.1" and not ctx.require_secret then
+    ctx:warn(o.require_secret == false and "the new deviceSecret is not requested (require_secret = false)" or
+      "no private key configured: the new deviceSecret is not requested; the new hardware will need dynamic " ..
+      "activation, or load the application's private key to read it")
+  end
+
+  local dev
+  dev, err = preflight(ctx, client, t)
+  if not dev then return ctx:fail(err, "preflight", "refused") end
+
+  if o.dry_run then
+    local s = ctx:begin("dry_run")
+    local params = ident_of(t)
+    params.newDeviceKey = t.newDeviceKey
+    if ctx.require_secret then params.requireSecret = true end
+    local req, perr = client:prepare("replace_device", params)
+    if not req then ctx:finish(s, "failed", tostring(perr)) return ctx:fail(perr, "dry_run", "refused") end
+    local vreq = client:prepare("get_device", { assetId = dev.assetId, orgId = t.orgId })
+    report.requests = { { name = "replace", text = tostring(req) } }
+    if vreq then report.requests[2] = { name = "verify", text = tostring(vreq) } end
+    ctx:finish(s, "ok", "nothing sent; " .. #report.requests .. " signed request(s) prepared")
+    report.ok, report.outcome = true, "dry_run"
+    report.ms = ctx:now() - ctx.t0
+    return report
+  end
+
+  if o.confirm then
+    local plan = {
+      assetId = dev.assetId, productKey = dev.productKey, deviceKey = dev.deviceKey, status = dev.status,
+      productType = dev.productType, newDeviceKey = t.newDeviceKey, require_secret = ctx.require_secret,
+      out = o.out, subdevices = ctx.subs_before and #ctx.subs_before or nil,
+    }
+    if not o.confirm(plan, report) then
+      return ctx:fail(errors.new("invalid_argument", "aborted: not confirmed; nothing changed", { aborted = true }),
+        "confirm", "aborted")
+    end
+  end
+
+  local new, how
+  new, err, how = replace(ctx, client, t, dev)
+  if not new then
+    if err.outcome_unknown then report.outcome = "unknown" end
+    return ctx:fail(err, "replace", how)
+  end
+  report.new = new
+  report.outcome = how
+  report.ok = true
+
+  -- From here the replace happened: always return the report, never nil.
+  local _, derr = deliver(ctx, client)
+  if derr then report.ok = false; report.error = derr end
+
+  if o.verify then
+    local vok, verr = verify(ctx, client, t)
+    if not vok then
+      report.ok = false
+      if not report.error then report.error = verr end
+    end
+  end
+
+  if o.wait_active and o.wait_active > 0 then
+    wait_active(ctx, client, t)
+  end
+  report.ms = ctx:now() - ctx.t0
+  return report
+end
+
+return M

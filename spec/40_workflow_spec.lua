@@ -1,0 +1,586 @@
+-- enos.workflow step by step against a stub transport playing a small, stateful EnOS.
+local enos = require "enos"
+local workflow = require "enos.workflow"
+local core = require "enos.core"
+local cjson = require "cjson"
+local H = require "helpers"
+
+local ORG = "o15724268424841"
+
+-- A fake EnOS: devices by assetId, topology, and per-action fault hooks
+-- (functions(req, F) returning a reply / nil+err, or nothing to carry on).
+local function fake(opts)
+  opts = opts or {}
+  local F = { devices = {}, subs = {}, calls = {}, faults = {}, pub = opts.pub, n = 0 }
+  function F.add(d)
+    F.n = F.n + 1
+    local dev = { orgId = ORG, assetId = d.assetId or ("asset" .. F.n), productKey = d.productKey or "pk_demo",
+      deviceKey = d.deviceKey, status = d.status or "online", productType = d.productType or "Device",
+      deviceSecret = d.deviceSecret or ("secret-" .. F.n .. "-abcdefgh"), activeTime = 1600000000000,
+      deviceName = { defaultValue = "dev " .. F.n } }
+    F.devices[dev.assetId] = dev
+    if d.gateway then
+      F.subs[d.gateway] = F.subs[d.gateway] or {}
+      table.insert(F.subs[d.gateway], dev.assetId)
+    end
+    return dev
+  end
+  local function find(q)
+    if q.assetId then return F.devices[q.assetId] end
+    for _, d in pairs(F.devices) do
+      if d.productKey == q.productKey and d.deviceKey == q.deviceKey then return d end
+    end
+  end
+  local function secret_fields(dev, v21, require_secret)
+    if v21 then return dev.deviceSecret end
+    if require_secret then
+      if F.garbage_secret then return "AAAA", "BBBB" end
+      local sk, ds = H.encrypt_secret(F.pub, dev.deviceSecret)
+      return ds, sk
+    end
+  end
+  local function view(dev, v21, rs)
+    local v = {}
+    for k, x in pairs(dev) do v[k] = x end
+    v.deviceSecret, v.sessionKey = secret_fields(dev, v21, rs)
+    return v
+  end
+  local NOT_FOUND = H.envelope(nil, 99400, "Invalid arguments: device does not exist")
+  local actions = {}
+  function actions.get(q, _, v21)
+    local d = find(q)
+    if not d then return NOT_FOUND end
+    return H.envelope(view(d, v21, q.requireSecret == "true"))
+  end
+  function actions.search(_, body)
+    local pk, dk = body.expression:match("productKey = '([^']*)' and deviceKey = '([^']*)'")
+    local out = {}
+    for _, d in pairs(F.devices) do
+      if d.productKey == pk and d.deviceKey == dk then out[#out + 1] = view(d) end
+    end
+    return H.envelope(out, 0, "OK", { pagination = { pageNo = 1, pageSize = 10, totalSize = #out } })
+  end
+  function actions.replaceDevice(q, body, v21)
+    local d = find(q)
+    if not d then return NOT_FOUND end
+    if d.deviceKey == body.newDeviceKey then return H.envelope(nil, 11704, "DeviceKey is repetitive") end
+    if find { productKey = d.productKey, deviceKey = body.newDeviceKey } then
+      return H.envelope(nil, 11702, "DeviceKey existed")
+    end
+    F.secret_seq = (F.secret_seq or 0) + 1
+    d.deviceKey, d.status, d.activeTime = body.newDeviceKey, "inactive", 0
+    d.deviceSecret = "NewSecret" .. F.secret_seq .. "xyzXYZ"
+    local ds, sk = secret_fields(d, v21, body.requireSecret)
+    return H.envelope { assetId = d.assetId, productKey = d.productKey, deviceKey = d.deviceKey,
+      deviceSecret = ds, sessionKey = sk }
+  end
+  function actions.searchSubDevice(_, body)
+    local gw = find(body.gateway)
+    if not gw then return NOT_FOUND end
+    local out = {}
+    for _, a in ipairs(F.subs[gw.assetId] or {}) do out[#out + 1] = view(F.devices[a]) end
+    return H.envelope(out, 0, "OK", { pagination = { pageNo = 1, pageSize = 200, totalSize = #out } })
+  end
+  function actions.addSubDevice(_, body)
+    local gw = find(body.gateway)
+    F.subs[gw.assetId] = F.subs[gw.assetId] or {}
+    for _, ident in ipairs(body.subDevices) do table.insert(F.subs[gw.assetId], find(ident).assetId) end
+    return H.envelope(nil)
+  end
+  F.stub = H.stub(function(req, stub)
+    local qs = req.url:match("%?(.*)$") or ""
+    local q = core.parse_query(qs)
+    local body = req.body and cjson.decode(req.body) or {}
+    local v21 = req.url:find("/v2.1/devices", 1, true) ~= nil
+    F.calls[#F.calls + 1] = q.action
+    local hooks = F.faults[q.action]
+    if hooks and #hooks > 0 then
+      local hook = table.remove(hooks, 1)
+      local r, e = hook(req, F, stub)
+      if r ~= nil or e ~= nil then return r, e end
+    end
+    return actions[q.action](q, body, v21)
+  end)
+  function F.count(action)
+    local n = 0
+    for _, a in ipairs(F.calls) do if a == action then n = n + 1 end end
+    return n
+  end
+  function F.apply(req)  -- run an action for real (a hook that applies, then fails)
+    local q = core.parse_query(req.url:match("%?(.*)$"))
+    return actions[q.action](q, req.body and cjson.decode(req.body) or {}, req.url:find("/v2.1/", 1, true) ~= nil)
+  end
+  return F
+end
+
+local function client_for(F, extra)
+  local o = { endpoint = "https://gw.example.com", access_key = "ak-123456", secret_key = "super-secret-key-xyz",
+    org_id = ORG, transport = F.stub }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return assert(enos.client(o))
+end
+
+-- A fake clock and sleep so backoff and polling take no time.
+local function fast(extra)
+  local t = { now = 1000, slept = {} }
+  local o = { clock = function() return t.now end,
+    sleep = function(s) t.slept[#t.slept + 1] = s; t.now = t.now + s * 1000 end }
+  for k, v in pairs(extra or {}) do o[k] = v end
+  return o, t
+end
+
+local function step_names(report)
+  local out = {}
+  for _, s in ipairs(report.steps) do out[#out + 1] = s.name .. ":" .. s.outcome end
+  return table.concat(out, " ")
+end
+
+local TRANSPORT_DROP = { kind = "transport", message = "Empty reply from server (curl 52)", request_sent = true, curl_code = 52 }
+
+describe("enos.workflow.replace", function()
+  local kp
+  setup(function() kp = H.keypair() end)
+
+  it("replaces by assetId (V2.1 clear secret): every step, the secret, a safe tostring", function()
+    local F = fake()
+    local d = F.add { deviceKey = "old_key_01" }
+    local c = client_for(F, { api_version = "v2.1" })
+    local seen = {}
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "new_key_01" },
+      fast { on_step = function(s) seen[#seen + 1] = s.name end }))
+    assert.is_true(r.ok)
+    assert.equal("replaced", r.outcome)
+    assert.equal("preflight:ok replace:ok deliver:ok verify:ok", step_names(r))
+    assert.same({ "preflight", "replace", "deliver", "verify" }, seen)
+    assert.equal("old_key_01", r.old.deviceKey)
+    assert.equal("online", r.old.status)
+    assert.equal("new_key_01", r.new.deviceKey)
+    assert.equal(d.assetId, r.new.assetId)
+    assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret)
+    assert.equal("inactive", r.new.status)
+    assert.equal(1, r.attempts)
+    for _, s in ipairs(r.steps) do assert.is_number(s.ms) end
+    local text = tostring(r)
+    assert.matches("replaced", text)
+    assert.not_matches(r.new.deviceSecret, text, 1, true)
+    assert.equal(r.new.deviceSecret, r:record().deviceSecret)
+    assert.equal(1, F.count("replaceDevice"))
+  end)
+
+  it("replaces by productKey+deviceKey with requireSecret and decrypts the new secret", function()
+    local F = fake { pub = kp.public_file }
+    F.add { deviceKey = "old_key_02" }
+    local c = client_for(F, { private_key_file = kp.private_file })
+    local r = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "old_key_02", newDeviceKey = "new_key_02" }, fast()))
+    assert.is_true(r.require_secret)
+    assert.equal("replaced", r.outcome)
+    local dev = F.devices[r.new.assetId]
+    assert.equal(dev.deviceSecret, r.new.deviceSecret)
+    assert.is_string(r.new.encrypted.sessionKey)
+    local rep
+    for _, q in ipairs(F.stub:api_requests()) do if q.url:find("replaceDevice") then rep = q end end
+    assert.matches("deviceKey=old_key_02", rep.url)
+    assert.equal('{"newDeviceKey":"new_key_02","requireSecret":true}', rep.body)
+  end)
+
+  it("without a private key does not ask for the secret, and says so", function()
+    local F = fake()
+    local d = F.add { deviceKey = "old_key_03" }
+    local r = assert(workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_03" }, fast()))
+    assert.is_false(r.require_secret)
+    assert.is_nil(r.new.deviceSecret)
+    assert.matches("not requested", table.concat(r.warnings, " "))
+  end)
+
+  describe("preflight refusals change nothing", function()
+    local cases = {
+      { "a missing device", function() return { assetId = "nope1234", newDeviceKey = "new_key_x" } end, "not_found" },
+      { "a disabled device", function(F) return { assetId = F.add { deviceKey = "k_dis", status = "disable" }.assetId,
+        newDeviceKey = "new_key_x" } end, "conflict", "disabled" },
+      { "a mirror device", function(F) return { assetId = F.add { deviceKey = "k_mir", status = "mirror" }.assetId,
+        newDeviceKey = "new_key_x" } end, "conflict", "mirror" },
+      { "the same key", function(F) return { assetId = F.add { deviceKey = "same_key" }.assetId,
+        newDeviceKey = "same_key" } end, "invalid_argument", "equals" },
+      { "a key already taken", function(F)
+        F.add { deviceKey = "taken_key" }
+        return { assetId = F.add { deviceKey = "k_other" }.assetId, newDeviceKey = "taken_key" } end,
+        "conflict", "already used" },
+    }
+    for _, case in ipairs(cases) do
+      it("refuses " .. case[1], function()
+        local F = fake()
+        local target = case[2](F)
+        local r, err = workflow.replace(client_for(F), target, fast())
+        assert.is_nil(r)
+        assert.equal(case[3], err.kind)
+        if case[4] then assert.matches(case[4], err.message, 1, true) end
+        assert.is_true(err.refused)
+        assert.equal("preflight", err.step)
+        assert.equal("refused", err.report.outcome)
+        assert.is_false(err.report.ok)
+        assert.equal(0, F.count("replaceDevice"))
+      end)
+    end
+
+    it("skips the free-key search with check_free = false (and the platform answers 11702)", function()
+      local F = fake()
+      F.add { deviceKey = "taken_key" }
+      local d = F.add { deviceKey = "k_other" }
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "taken_key" },
+        fast { check_free = false })
+      assert.is_nil(r)
+      assert.equal(0, F.count("search"))
+      assert.equal("conflict", err.kind)
+      assert.equal(11702, err.code)
+      assert.equal("refused", err.report.outcome)
+      assert.equal("k_other", F.devices[d.assetId].deviceKey)
+    end)
+
+    it("refuses an existing output file before changing anything", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_04" }
+      local dir = H.tmpdir()
+      H.writefile(dir .. "/out.json", "keep me")
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_04" },
+        fast { out = dir .. "/out.json" })
+      assert.is_nil(r)
+      assert.matches("exists", err.message)
+      assert.equal(0, F.count("replaceDevice"))
+      assert.equal("keep me", H.readfile(dir .. "/out.json"))
+      H.sh("rm -rf " .. dir)
+    end)
+  end)
+
+  describe("unknown outcomes", function()
+    it("a dropped reply after the replace applied ends reconciled with the right secret", function()
+      local F = fake { pub = kp.public_file }
+      local d = F.add { deviceKey = "old_key_05" }
+      F.faults.replaceDevice = { function(req, FF) FF.apply(req) return nil, TRANSPORT_DROP end }
+      local c = client_for(F, { private_key_file = kp.private_file })
+      local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "new_key_05" }, fast()))
+      assert.is_true(r.ok)
+      assert.equal("reconciled", r.outcome)
+      assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret)
+      assert.equal(1, F.count("replaceDevice"))
+      assert.equal("preflight:ok replace:unknown reconcile:replaced deliver:ok verify:ok", step_names(r))
+    end)
+
+    it("a 500 before applying: read back unchanged, retry, success", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_06" }
+      F.faults.replaceDevice = { function() return { status = 500, headers = {}, body = "Internal Server Error" } end }
+      local o, t = fast()
+      local r = assert(workflow.replace(client_for(F, { api_version = "v2.1" }),
+        { assetId = d.assetId, newDeviceKey = "new_key_06" }, o))
+      assert.equal("replaced", r.outcome)
+      assert.equal(2, r.attempts)
+      assert.equal(2, F.count("replaceDevice"))
+      assert.equal("preflight:ok replace:unknown reconcile:unchanged replace:ok deliver:ok verify:ok", step_names(r))
+      assert.is_true(#t.slept >= 2)     -- settle + backoff
+      assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret)
+    end)
+
+    it("honours Retry-After of a 429", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_07" }
+      F.faults.replaceDevice = { function()
+        return { status = 429, headers = { ["retry-after"] = "7" }, body = "API rate limit exceeded" } end }
+      local o, t = fast { settle_ms = 0 }
+      local r = assert(workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_07" }, o))
+      assert.equal("replaced", r.outcome)
+      local max = 0
+      for _, s in ipairs(t.slept) do max = math.max(max, s) end
+      assert.is_true(max >= 7)
+    end)
+
+    it("a conflict on a retry after an unknown outcome is resolved by a read-back", function()
+      -- attempt 1 times out and lands late: the read-back still sees the old key, then it applies
+      local F = fake()
+      local d = F.add { productKey = "pk_demo", deviceKey = "old_key_08" }
+      local pending
+      F.faults.replaceDevice = { function(req) pending = req return nil, { kind = "timeout",
+        message = "Operation timed out (curl 28)", request_sent = true } end }
+      local gets = 0
+      F.faults.get = {}
+      for i = 1, 10 do F.faults.get[i] = function(req)
+        gets = gets + 1
+        if gets == 2 and pending then      -- the first read-back answers, then the late request lands
+          local res = F.apply(req)
+          F.apply(pending)
+          pending = nil
+          return res
+        end
+      end end
+      local r = assert(workflow.replace(client_for(F, { api_version = "v2.1" }),
+        { productKey = "pk_demo", deviceKey = "old_key_08", newDeviceKey = "new_key_08" }, fast()))
+      assert.equal("reconciled", r.outcome)
+      assert.equal(2, F.count("replaceDevice"))
+      assert.matches("replace:unknown reconcile:unchanged replace:failed reconcile:replaced", step_names(r))
+      assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret)
+    end)
+
+    it("gives up after max_attempts with the device confirmed unchanged", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_09" }
+      F.faults.replaceDevice = {}
+      for i = 1, 5 do F.faults.replaceDevice[i] = function()
+        return { status = 503, headers = {}, body = "Service Unavailable" } end end
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_09" },
+        fast { max_attempts = 3 })
+      assert.is_nil(r)
+      assert.equal("server", err.kind)
+      assert.equal(3, F.count("replaceDevice"))
+      assert.equal("failed", err.report.outcome)
+      assert.matches("device unchanged", err.message)
+      assert.equal("old_key_09", F.devices[d.assetId].deviceKey)
+    end)
+
+    it("reports OUTCOME UNKNOWN when the read-back fails too", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_10" }
+      F.faults.replaceDevice = { function(req, FF) FF.apply(req) return nil, TRANSPORT_DROP end }
+      F.faults.get = { function() end }   -- preflight passes, then the network is gone
+      for i = 2, 10 do F.faults.get[i] = function() return nil, { kind = "transport", message = "refused",
+        request_sent = false } end end
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_10" }, fast())
+      assert.is_nil(r)
+      assert.is_true(err.outcome_unknown)
+      assert.equal("unknown", err.report.outcome)
+      assert.matches("OUTCOME UNKNOWN", tostring(err))
+    end)
+
+    it("retries a request that never left without a read-back", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_11" }
+      F.faults.replaceDevice = { function() return nil, { kind = "transport", message = "Couldn't connect (curl 7)",
+        request_sent = false } end }
+      local r = assert(workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_11" }, fast()))
+      assert.equal("replaced", r.outcome)
+      assert.equal("preflight:ok replace:failed replace:ok deliver:ok verify:ok", step_names(r))
+    end)
+
+    it("a definite refusal is not retried", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_12" }
+      F.faults.replaceDevice = { function() return H.envelope(nil, 99403, "no permission") end }
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_12" }, fast())
+      assert.is_nil(r)
+      assert.equal("permission", err.kind)
+      assert.equal(1, F.count("replaceDevice"))
+      assert.equal("refused", err.report.outcome)
+    end)
+  end)
+
+  it("delivers the encrypted pair when the secret cannot be decrypted", function()
+    local F = fake { pub = kp.public_file }
+    F.garbage_secret = true
+    local d = F.add { deviceKey = "old_key_13" }
+    local dir = H.tmpdir()
+    local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+      { assetId = d.assetId, newDeviceKey = "new_key_13" }, fast { out = dir .. "/cred.json" }))
+    assert.is_true(r.ok)
+    assert.is_nil(r.new.deviceSecret)
+    assert.equal("AAAA", r.new.encrypted.deviceSecret)
+    local rec = cjson.decode(H.readfile(dir .. "/cred.json"))
+    assert.equal("AAAA", rec.encrypted.deviceSecret)
+    assert.equal("BBBB", rec.encrypted.sessionKey)
+    assert.equal("encrypted", r.delivered.secret)
+    assert.matches("could not be decrypted", table.concat(r.warnings, " "))
+    H.sh("rm -rf " .. dir)
+  end)
+
+  describe("gateways", function()
+    it("records sub-devices and re-attaches the ones the replace dropped", function()
+      local F = fake()
+      local gw = F.add { productKey = "pk_gateway", productType = "Gateway", deviceKey = "gw_old" }
+      local s1 = F.add { deviceKey = "sub_1", gateway = gw.assetId }
+      F.add { deviceKey = "sub_2", gateway = gw.assetId }
+      F.faults.replaceDevice = { function(req, FF)
+        local res = FF.apply(req)
+        FF.subs[gw.assetId] = { s1.assetId }       -- the platform lost one
+        return res
+      end }
+      local r = assert(workflow.replace(client_for(F), { assetId = gw.assetId, newDeviceKey = "gw_new" }, fast()))
+      assert.is_true(r.ok)
+      assert.same({ before = 2, after = 2, reattached = 1 }, r.subdevices)
+      assert.equal(1, F.count("addSubDevice"))
+      assert.matches("re%-attached", r.steps[#r.steps].detail)
+    end)
+
+    it("leaves sub-devices alone when they stayed", function()
+      local F = fake()
+      local gw = F.add { productKey = "pk_gateway", productType = "Gateway", deviceKey = "gw_old2" }
+      F.add { deviceKey = "sub_3", gateway = gw.assetId }
+      local r = assert(workflow.replace(client_for(F), { assetId = gw.assetId, newDeviceKey = "gw_new2" }, fast()))
+      assert.same({ before = 1, after = 1, reattached = 0 }, r.subdevices)
+      assert.equal(0, F.count("addSubDevice"))
+    end)
+  end)
+
+  it("a failed verification still returns the report with the credentials (not nil)", function()
+    local F = fake()
+    local d = F.add { deviceKey = "old_key_14" }
+    F.faults.replaceDevice = { function(req, FF)
+      local res = FF.apply(req)
+      FF.devices[d.assetId].status = "disable"
+      return res
+    end }
+    local r, err = workflow.replace(client_for(F, { api_version = "v2.1" }),
+      { assetId = d.assetId, newDeviceKey = "new_key_14" }, fast())
+    assert.is_nil(err)
+    assert.is_false(r.ok)
+    assert.equal("replaced", r.outcome)
+    assert.is_true(r.error.verify_failed)
+    assert.matches("status is disable", tostring(r.error))
+    assert.is_string(r.new.deviceSecret)
+  end)
+
+  describe("deliver", function()
+    local dir
+    before_each(function() dir = H.tmpdir() end)
+    after_each(function() H.sh("rm -rf " .. dir) end)
+
+    for _, fmt in ipairs { "json", "env", "text" } do
+      it("writes a " .. fmt .. " file with mode 0600", function()
+        local F = fake()
+        local d = F.add { deviceKey = "old_key_" .. fmt }
+        local path = dir .. "/cred." .. fmt
+        local r = assert(workflow.replace(client_for(F, { api_version = "v2.1" }),
+          { assetId = d.assetId, newDeviceKey = "new_key_" .. fmt }, fast { out = path, format = fmt }))
+        assert.equal("600", (H.sh("stat -c %a " .. path):gsub("%s", "")))
+        local text = H.readfile(path)
+        local secret = F.devices[d.assetId].deviceSecret
+        assert.truthy(text:find(secret, 1, true))
+        if fmt == "json" then
+          local rec = cjson.decode(text)
+          assert.equal(d.assetId, rec.assetId)
+          assert.equal("new_key_json", rec.deviceKey)
+          assert.equal(secret, rec.deviceSecret)
+          assert.equal("https://gw.example.com", rec.endpoint)
+          assert.equal(ORG, rec.orgId)
+        elseif fmt == "env" then
+          assert.matches("ENOS_DEVICE_SECRET=" .. secret, text, 1, true)
+          assert.matches("ENOS_ASSET_ID=" .. d.assetId, text, 1, true)
+        else
+          assert.matches("deviceSecret: +" .. secret, text)
+        end
+        assert.equal(path, r.delivered.path)
+        assert.equal("", H.sh("ls -A " .. dir .. " | grep tmp || true"))   -- no temp files left
+      end)
+    end
+
+    it("write_private refuses to replace an existing file unless overwrite", function()
+      local path = dir .. "/x.json"
+      H.writefile(path, "old")
+      local ok, err = workflow.write_private(path, "new", false)
+      assert.is_nil(ok)
+      assert.matches("exists", err.message)
+      assert.equal("old", H.readfile(path))
+      assert(workflow.write_private(path, "new", true))
+      assert.equal("new", H.readfile(path))
+      assert.equal("600", (H.sh("stat -c %a " .. path):gsub("%s", "")))
+    end)
+
+    it("write_private refuses a dangling symlink in the way", function()
+      local path = dir .. "/link.json"
+      H.sh("ln -s " .. dir .. "/nowhere " .. path)
+      assert.is_nil((workflow.write_private(path, "x", false)))
+      assert.is_nil(io.open(dir .. "/nowhere", "rb"))
+    end)
+
+    it("a delivery failure after the replace keeps the secret in the report", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_15" }
+      local path = dir .. "/sub/cred.json"
+      H.sh("mkdir " .. dir .. "/sub")
+      F.faults.replaceDevice = { function(req, FF)
+        H.sh("rmdir " .. dir .. "/sub && touch " .. dir .. "/sub")   -- the directory vanishes mid-flight
+        return FF.apply(req)
+      end }
+      local r = assert(workflow.replace(client_for(F, { api_version = "v2.1" }),
+        { assetId = d.assetId, newDeviceKey = "new_key_15" }, fast { out = path }))
+      assert.is_false(r.ok)
+      assert.equal("replaced", r.outcome)
+      assert.is_true(r.error.deliver_failed)
+      assert.equal(F.devices[d.assetId].deviceSecret, r:record().deviceSecret)
+    end)
+  end)
+
+  describe("wait_active", function()
+    it("polls with backoff until the device comes online", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_16" }
+      local polls = 0
+      local o, t = fast { wait_active = 60 }
+      F.faults.get = {}
+      for i = 1, 20 do F.faults.get[i] = function()
+        if t.now > 1000 then polls = polls + 1 end
+        if polls == 3 then F.devices[d.assetId].status = "online" end
+      end end
+      local r = assert(workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_16" }, o))
+      assert.is_true(r.wait.online)
+      assert.is_true(r.ok)
+      assert.equal("wait:ok", step_names(r):match("wait:%w+"))
+      assert.is_true(t.slept[2] > t.slept[1])    -- interval grows
+    end)
+
+    it("reports a timeout when the device stays inactive", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_17" }
+      local o = fast { wait_active = 30 }
+      local r = assert(workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_17" }, o))
+      assert.is_false(r.wait.online)
+      assert.is_true(r.wait.waited_ms >= 30000 and r.wait.waited_ms < 31000)
+      assert.equal("wait:timeout", step_names(r):match("wait:%w+"))
+      assert.is_true(r.ok)      -- the replace is done; the caller decides what a late device means
+    end)
+  end)
+
+  it("dry_run prepares the signed requests, redacted, and sends no replace", function()
+    local F = fake()
+    local d = F.add { deviceKey = "old_key_18" }
+    local c = client_for(F, { private_key_file = kp.private_file })
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "new_key_18" }, fast { dry_run = true }))
+    assert.equal("dry_run", r.outcome)
+    assert.equal(0, F.count("replaceDevice"))
+    local text = r.requests[1].text
+    assert.matches("POST https://gw.example.com/connect%-service/v2.4/devices%?", text)
+    assert.matches("action=replaceDevice", text)
+    assert.matches('{"newDeviceKey":"new_key_18","requireSecret":true}', text, 1, true)
+    assert.matches("apim-signature: <redacted>", text, 1, true)
+    assert.not_matches("tok-1", text, 1, true)
+    assert.not_matches("super-secret-key-xyz", text, 1, true)
+    assert.equal("old_key_18", F.devices[d.assetId].deviceKey)
+  end)
+
+  it("confirm returning false aborts before the replace", function()
+    local F = fake()
+    local d = F.add { deviceKey = "old_key_19" }
+    local plan
+    local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_19" },
+      fast { confirm = function(p) plan = p return false end })
+    assert.is_nil(r)
+    assert.is_true(err.aborted)
+    assert.equal("aborted", err.report.outcome)
+    assert.equal("old_key_19", plan.deviceKey)
+    assert.equal("new_key_19", plan.newDeviceKey)
+    assert.equal(0, F.count("replaceDevice"))
+  end)
+
+  it("rejects bad targets and options, and raises on misuse", function()
+    local F = fake()
+    local c = client_for(F)
+    local _, err = workflow.replace(c, { assetId = "a1", newDeviceKey = "x" })
+    assert.equal("invalid_argument", err.kind)
+    _, err = workflow.replace(c, { assetId = "a1", productKey = "p", newDeviceKey = "good_key" })
+    assert.equal("invalid_argument", err.kind)
+    _, err = workflow.replace(c, { productKey = "p", newDeviceKey = "good_key" })
+    assert.equal("invalid_argument", err.kind)
+    _, err = workflow.replace(c, { assetId = "a1", newDeviceKey = "good_key" }, { bogus = 1 })
+    assert.equal("bogus", err.field)
+    _, err = workflow.replace(c, { assetId = "a1", newDeviceKey = "good_key" }, { format = "xml" })
+    assert.equal("format", err.field)
+    assert.has_error(function() workflow.replace(c, "a1") end)
+    assert.equal(0, #F.stub.requests)
+  end)
+end)
