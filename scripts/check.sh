@@ -44,6 +44,7 @@ if [ "${SKIP_VALGRIND:-}" != 1 ]; then
     --errors-for-leak-kinds=definite,indirect --log-file="$LOG/valgrind.log" \
     lua5.4 "$(command -v busted)" --cpath="build/lua5.4/?.so" -o TAP \
     spec/10_sign_spec.lua spec/11_secret_spec.lua spec/12_client_spec.lua spec/13_transport_spec.lua \
+    spec/14_multi_spec.lua spec/20_client_sim_spec.lua \
     > "$LOG/valgrind.tap" 2>&1
   rc=$?
   count_tap "$LOG/valgrind.tap" "specs under valgrind" $([ $rc -eq 99 ] && echo 0 || echo $rc)

@@ -40,7 +40,7 @@ function M.new(opts)
   return self
 end
 
-function Sched:now() return core.monotonic_ms() end
+function Sched.now() return core.monotonic_ms() end
 
 local function in_task(self)
   local co = coroutine.running()
