@@ -1,0 +1,459 @@
+--- Fleet-scale batch replacement: a streamed plan, each row the replacement
+-- workflow in a coroutine over libcurl multi, a shared token, a QPS cap,
+-- backpressure on 429/503, a durable journal, and resume after a crash.
+-- @module enos.batch
+local core = require "enos.core"
+local errors = require "enos.errors"
+local json = require "enos.json"
+local plan_mod = require "enos.plan"
+local journal_mod = require "enos.journal"
+local scheduler = require "enos.scheduler"
+local secret = require "enos.secret"
+local workflow = require "enos.workflow"
+
+local M = {}
+
+M.DEFAULTS = {
+  concurrency = 8,
+  qps = nil,               -- requests per second cap (token bucket); nil: none
+  retry_attempts = 8,      -- sends of one request refused with 429 (or 503 for reads)
+  backoff_ms = 250,        -- full-jitter exponential backoff base
+  backoff_max_ms = 30000,
+  verify = true,
+  check_free = false,      -- the replace's own 11702 already refuses a taken key, changing nothing
+  progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
+}
+
+-- ---------------------------------------------------------------- output files
+
+-- CSV cell: quoted when needed; a leading = + - @ that would make a
+-- spreadsheet evaluate it is neutralised with a quote mark.
+local function csv_cell(v)
+  v = v == nil and "" or tostring(v)
+  if v:match("^[=+@\t\r]") or (v:match("^%-") and not v:match("^%-[%w_.%-]*$")) then v = "'" .. v end
+  if v:find('[,"\r\n]') then v = '"' .. v:gsub('"', '""') .. '"' end
+  return v
+end
+M.csv_cell = csv_cell
+
+local Out = {}
+Out.__index = Out
+
+-- An append-only output (credentials or results), 0600, buffered and flushed in groups.
+local function open_out(path, columns, format, resume)
+  local f, created = core.open_file(path, resume and "append" or "excl")
+  if not f then
+    local err = created
+    if not resume and err and err:find("File exists", 1, true) then
+      err = path .. " already exists: choose another file, or --resume the batch that wrote it"
+    end
+    return nil, err
+  end
+  local self = setmetatable({ path = path, f = f, buf = {}, columns = columns, format = format }, Out)
+  if format == "csv" and (created or not resume) then
+    local cells = {}
+    for i, c in ipairs(columns) do cells[i] = csv_cell(c) end
+    self.buf[1] = table.concat(cells, ",") .. "\n"
+  end
+  return self
+end
+
+function Out:add(rec)
+  if self.format == "jsonl" then
+    self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
+  else
+    local cells = {}
+    for i, c in ipairs(self.columns) do cells[i] = csv_cell(rec[c]) end
+    self.buf[#self.buf + 1] = table.concat(cells, ",") .. "\n"
+  end
+end
+
+function Out:flush()
+  if #self.buf == 0 then return true end
+  local data = table.concat(self.buf)
+  self.buf = {}
+  local ok, err = self.f:write(data)
+  if ok then ok, err = self.f:sync() end
+  return ok, err
+end
+
+function Out:close()
+  if self.f then self:flush() self.f:close() self.f = nil end
+end
+
+-- New keys already present in a credentials file (to not write a row twice on resume).
+local function keys_in(path, format)
+  local present = {}
+  local f = io.open(path, "rb")
+  if not f then return present end
+  local header
+  for line in f:lines() do
+    if format == "jsonl" then
+      local r = json.decode(line)
+      if type(r) == "table" and r.deviceKey then present[r.deviceKey] = true end
+    else
+      local cells = plan_mod.split_csv(line)
+      if cells then
+        if not header then
+          header = {}
+          for i, c in ipairs(cells) do header[c] = i end
+        elseif header.deviceKey and cells[header.deviceKey] then
+          present[cells[header.deviceKey]] = true
+        end
+      end
+    end
+  end
+  f:close()
+  return present
+end
+
+-- ---------------------------------------------------------------- helpers
+
+local function format_of(path, given)
+  if given then return given end
+  if path and (path:match("%.jsonl$") or path:match("%.ndjson$")) then return "jsonl" end
+  return "csv"
+end
+
+local function err_fields(e)
+  if not e then return nil end
+  return { kind = e.kind, code = e.code, status = e.status, message = e.message, request_id = e.request_id }
+end
+
+local function human_rate(n, secs)
+  if secs <= 0 then return 0 end
+  return n / secs
+end
+
+--- The plan source: a path, or a function returning a fresh row iterator.
+local function plan_rows(plan, format)
+  if type(plan) == "string" then
+    local reader, err = plan_mod.open(plan, format)
+    if not reader then return nil, err end
+    return reader:rows(), function() reader:close() end
+  elseif type(plan) == "function" then
+    return plan(), function() end
+  end
+  error("enos.batch: plan must be a path or a function returning an iterator", 3)
+end
+
+--- Checks a plan without sending anything: {rows, error_count, errors = {{line, message}…}}.
+function M.check(plan, opts)
+  opts = opts or {}
+  if type(plan) == "string" then return plan_mod.check(plan, opts.format, opts.max_errors) end
+  -- an iterator factory: the same checks over its rows
+  local tmp = os.tmpname()
+  local out = assert(io.open(tmp, "wb"))
+  for row in plan() do
+    if row then out:write(json.encode(row.fields), "\n") end
+  end
+  out:close()
+  local res, err = plan_mod.check(tmp, "jsonl", opts.max_errors)
+  os.remove(tmp)
+  return res, err
+end
+
+-- ---------------------------------------------------------------- the run
+
+--- Runs a batch. Returns summary | nil, err (err.check holds plan errors when
+-- the check failed; then nothing was sent).
+-- opts: concurrency, qps, out (credentials file), format (csv|jsonl), journal,
+-- results, resume, require_secret, verify, check_free, progress (true | function(p)),
+-- retry_attempts, backoff_ms, backoff_max_ms, sleep-free: the scheduler does the waiting.
+function M.run(client, plan, opts)
+  if type(client) ~= "table" then error("enos.batch.run: client expected", 2) end
+  opts = opts or {}
+  local o = {}
+  for k, v in pairs(M.DEFAULTS) do o[k] = v end
+  for k, v in pairs(opts) do o[k] = v end
+  if type(o.concurrency) ~= "number" or o.concurrency < 1 or o.concurrency > 1024 or o.concurrency % 1 ~= 0 then
+    return nil, errors.arg("concurrency", "concurrency must be an integer 1-1024")
+  end
+  if o.qps ~= nil and (type(o.qps) ~= "number" or o.qps <= 0) then
+    return nil, errors.arg("qps", "qps must be a positive number")
+  end
+
+  -- 1. Check the whole plan before the first request.
+  local chk, cerr = M.check(plan, { format = o.plan_format })
+  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
+  if chk.error_count > 0 then
+    local first = chk.errors[1]
+    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
+      :format(chk.error_count, first.line, first.message))
+    e.check = chk
+    return nil, e
+  end
+
+  -- 2. Files: journal (required for durability), credentials, results.
+  local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
+  if not jpath then return nil, errors.arg("journal", "a journal path is required") end
+  local journal, jstate = journal_mod.open(jpath, { resume = o.resume })
+  if not journal then return nil, errors.new("config", tostring(jstate)) end
+  if not o.resume or journal.state.records == 0 then
+    journal:append { t = "batch", plan = type(plan) == "string" and plan or "(iterator)", rows = chk.rows,
+      version = core._VERSION }
+  end
+  local require_secret = o.require_secret
+  if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
+  if client.api_version == "v2.1" then require_secret = false end
+
+  local cred, results, present = nil, nil, {}
+  local cred_format = format_of(o.out, o.format)
+  if o.out then
+    if o.resume then present = keys_in(o.out, cred_format) end
+    local cols = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret", "sessionKey",
+      "outcome" }
+    local r, err = open_out(o.out, cols, cred_format, o.resume)
+    if not r then journal:close() return nil, errors.new("config", err) end
+    cred = r
+  end
+  local rpath = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
+  do
+    local r, err = open_out(rpath, { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind",
+      "error_code", "message" }, format_of(rpath), o.resume)
+    if not r then journal:close() if cred then cred:close() end return nil, errors.new("config", err) end
+    results = r
+  end
+
+  -- 3. The scheduler and the transport every row shares.
+  local own = client._own_transport or client._transport == nil
+  local sched = scheduler.new(own and {
+    timeout = client._transport_opts.timeout, connect_timeout = client._transport_opts.connect_timeout,
+    cafile = client._transport_opts.cafile, capath = client._transport_opts.capath,
+    verify_tls = client._transport_opts.verify_tls, user_agent = client._transport_opts.user_agent,
+    max_body = client._transport_opts.max_body, max_connections = o.concurrency * 2,
+  } or { multi = core.multi {} })
+  local base = own and sched.transport or client._transport
+  local row_of = {}            -- coroutine → row
+  local stats = { total = chk.rows, done = 0, replaced = 0, reconciled = 0, skipped = 0, failed = 0,
+    failed_by_kind = {}, retries = 0, requests = 0 }
+  local pause_until = 0
+  local bucket = { tokens = o.qps and math.max(1, o.qps) or 0, at = sched.now() }
+  local rnd = math.random
+
+  local function acquire()
+    local now = sched.now()
+    if now < pause_until then sched:sleep((pause_until - now) / 1000) end
+    if o.qps then
+      while true do
+        now = sched.now()
+        bucket.tokens = math.min(math.max(1, o.qps), bucket.tokens + (now - bucket.at) / 1000 * o.qps)
+        bucket.at = now
+        if bucket.tokens >= 1 then bucket.tokens = bucket.tokens - 1 break end
+        sched:sleep((1 - bucket.tokens) / o.qps)
+      end
+    end
+  end
+
+  local transport = {
+    wait_for = function(_, pred) return sched:wait_for(pred) end,
+    send = function(_, req)
+      local row = row_of[coroutine.running() or false]
+      local is_replace = req.url:find("action=replaceDevice", 1, true) ~= nil
+      if row and is_replace then
+        -- durable before the request leaves: a crash from here on is reconciled on resume
+        local seq = journal:append { key = row.key, line = row.line, state = "sending",
+          assetId = row.assetId, newDeviceKey = row.target.newDeviceKey }
+        sched:wait_for(function() return journal.synced >= seq end)
+      end
+      local attempt = 0
+      while true do
+        attempt = attempt + 1
+        acquire()
+        stats.requests = stats.requests + 1
+        local res, err = base:send(req)
+        local st = res and res.status
+        local safe_retry = st == 429 or (st == 503 and not is_replace)
+        if not safe_retry or attempt >= o.retry_attempts then
+          if row and res and st == 200 and not row.assetId and req.url:find("action=get", 1, true) then
+            local doc = json.decode(res.body)
+            if type(doc) == "table" and type(doc.data) == "table" then row.assetId = doc.data.assetId end
+          end
+          return res, err
+        end
+        -- backpressure for everyone: honour Retry-After, else full-jitter exponential backoff
+        local ra = tonumber(res.headers and res.headers["retry-after"])
+        local cap = math.min(o.backoff_max_ms, o.backoff_ms * 2 ^ attempt)
+        local delay = ra and ra * 1000 or rnd() * cap
+        pause_until = math.max(pause_until, sched.now() + delay)
+        stats.retries = stats.retries + 1
+      end
+    end,
+  }
+  local saved_transport, saved_own = client._transport, client._own_transport
+  client._transport, client._own_transport = transport, false
+
+  local function progress(final)
+    if not o.progress then return end
+    local elapsed = (sched.now() - t0) / 1000
+    local finished = stats.done + stats.skipped + stats.failed
+    local rate = human_rate(stats.done + stats.failed, elapsed)
+    local eta = rate > 0 and (stats.total - finished) / rate or nil
+    local p = { done = finished, total = stats.total, rate = rate, eta = eta, retries = stats.retries,
+      failed = stats.failed, elapsed = elapsed, final = final }
+    if type(o.progress) == "function" then return o.progress(p) end
+  end
+
+  -- 4. One row.
+  local function finish_row(row, state, fields)
+    local rec = { key = row.key, line = row.line, state = state }
+    for k, v in pairs(fields or {}) do rec[k] = v end
+    local seq = journal:append(rec)
+    sched:wait_for(function() return journal.synced >= seq end)
+  end
+
+  local function deliver(row, new, outcome)
+    if not cred or present[new.deviceKey] then return end
+    local enc = new.encrypted or {}
+    cred:add { line = row.line, assetId = new.assetId, productKey = new.productKey, deviceKey = new.deviceKey,
+      deviceSecret = new.deviceSecret, encryptedSecret = not new.deviceSecret and enc.deviceSecret or nil,
+      sessionKey = not new.deviceSecret and enc.sessionKey or nil, outcome = outcome }
+    present[new.deviceKey] = true
+  end
+
+  local function result(row, outcome, assetId, e)
+    local t = row.target
+    results:add { line = row.line, target = t.assetId or (t.productKey .. "/" .. t.deviceKey),
+      newDeviceKey = t.newDeviceKey, assetId = assetId, outcome = outcome,
+      error_kind = e and e.kind, error_code = e and e.code, message = e and e.message }
+  end
+
+  local function count_failed(e)
+    stats.failed = stats.failed + 1
+    local k = e and e.kind or "unknown"
+    stats.failed_by_kind[k] = (stats.failed_by_kind[k] or 0) + 1
+  end
+
+  -- Reads back a device whose replace may have happened (in flight when the
+  -- process died): done → the new credentials; not done → nil (safe to run).
+  local function read_back(row, prev)
+    local t = row.target
+    local ident = prev.assetId and { assetId = prev.assetId, orgId = t.orgId }
+      or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
+      or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
+    for attempt = 1, 3 do
+      local d, err = client:get_device(ident)
+      if d then
+        if d.deviceKey ~= t.newDeviceKey then return nil end
+        if require_secret then
+          local s = client:get_device { assetId = d.assetId, orgId = t.orgId, requireSecret = true }
+          if s then d = s end
+        end
+        return d
+      end
+      if err.kind == "not_found" then return nil end
+      sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
+    end
+    return false
+  end
+
+  local function run_row(row)
+    row_of[coroutine.running()] = row
+    local prev = journal.state.by_key[row.key]
+    if prev and prev.state == "done" then
+      if cred and not present[row.target.newDeviceKey] and prev.assetId then
+        -- the journal has it but the credentials file does not: recover from the journal
+        local new = { assetId = prev.assetId, productKey = prev.productKey, deviceKey = prev.newDeviceKey,
+          encrypted = prev.encrypted }
+        if prev.encrypted and client:has_private_key() then
+          new.deviceSecret = secret.decrypt(client._key, prev.encrypted.sessionKey, prev.encrypted.deviceSecret,
+            client.secret_scheme)
+        end
+        deliver(row, new, "done")
+      end
+      stats.skipped = stats.skipped + 1
+      row_of[coroutine.running()] = nil
+      return
+    end
+    if prev and (prev.state == "sending" or prev.state == "unknown") then
+      local d = read_back(row, prev)
+      if d then
+        local new = { assetId = d.assetId, productKey = d.productKey, deviceKey = d.deviceKey,
+          deviceSecret = d.deviceSecret, encrypted = d.encrypted }
+        deliver(row, new, "reconciled")
+        result(row, "reconciled", d.assetId)
+        finish_row(row, "done", { outcome = "reconciled", assetId = d.assetId, productKey = d.productKey,
+          newDeviceKey = d.deviceKey, encrypted = d.encrypted })
+        stats.done, stats.reconciled = stats.done + 1, stats.reconciled + 1
+        row_of[coroutine.running()] = nil
+        return
+      elseif d == false then
+        local e = errors.new("transport", "could not read the device back to reconcile; resume again")
+        result(row, "unknown", prev.assetId, e)
+        count_failed(e)
+        row_of[coroutine.running()] = nil
+        return
+      end
+    end
+    local target = {}
+    for k, v in pairs(row.target) do target[k] = v end
+    local report, err = workflow.replace(client, target, {
+      sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
+      verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts,
+    })
+    if not report and err and err.report and err.report.new then report = err.report end
+    if report and report.new then
+      local new = report.new
+      deliver(row, new, report.outcome)
+      local warn = report.error
+      result(row, report.outcome, new.assetId, warn)
+      finish_row(row, "done", { outcome = report.outcome, assetId = new.assetId, productKey = new.productKey,
+        newDeviceKey = new.deviceKey, encrypted = new.encrypted,
+        warning = warn and err_fields(warn) or nil })
+      stats.done = stats.done + 1
+      if report.outcome == "reconciled" then stats.reconciled = stats.reconciled + 1
+      else stats.replaced = stats.replaced + 1 end
+    else
+      local unknown = err and err.report and err.report.outcome == "unknown"
+      result(row, unknown and "unknown" or "failed", row.assetId, err)
+      finish_row(row, unknown and "unknown" or "failed", { assetId = row.assetId, error = err_fields(err) })
+      count_failed(err)
+    end
+    row_of[coroutine.running()] = nil
+  end
+
+  -- 5. The loop: stream rows, keep `concurrency` in flight, group-commit files.
+  local t0 = sched.now()
+  local rows, close_plan = plan_rows(plan, o.plan_format)
+  local exhausted = false
+  local last_progress = 0
+  local ok, run_err = pcall(function()
+    while true do
+      while not exhausted and sched:count() < o.concurrency do
+        local row = rows()
+        if row == nil then exhausted = true break end
+        if row then
+          local t = assert(plan_mod.check_row(row.fields))
+          local r = { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId }
+          sched:spawn(run_row, r)
+        end
+      end
+      if exhausted and sched:count() == 0 then break end
+      sched:step(0.05)
+      -- order matters: secrets reach the credentials file before the journal says done
+      if cred then assert(cred:flush()) end
+      assert(results:flush())
+      assert(journal:flush())
+      if #sched.errors > 0 then error(sched.errors[1], 0) end
+      local now = sched.now()
+      if now - last_progress >= 200 then last_progress = now progress(false) end
+    end
+  end)
+  close_plan()
+  if cred then cred:close() end
+  results:close()
+  journal:close()
+  client._transport, client._own_transport = saved_transport, saved_own
+  if own then sched:close() end
+  if not ok then
+    return nil, errors.new("transport", "batch stopped: " .. tostring(run_err))
+  end
+  stats.elapsed = (sched.now() - t0) / 1000
+  stats.rate = human_rate(stats.done + stats.failed, stats.elapsed)
+  stats.journal, stats.results, stats.credentials = jpath, rpath, o.out
+  stats.fsyncs = journal.fsyncs
+  progress(true)
+  return stats
+end
+
+return M

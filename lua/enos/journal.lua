@@ -1,0 +1,98 @@
+--- The batch journal: an append-only JSON Lines file (0600), one record per
+-- state change, made durable (fsync) in groups before a row counts as done.
+-- It holds encrypted secrets only, never plaintext.
+-- @module enos.journal
+local core = require "enos.core"
+local json = require "enos.json"
+
+local M = {}
+
+local J = {}
+J.__index = J
+
+--- Reads a journal: returns {by_key = {key → last record}, header = first record, records = n} | nil, err.
+-- A torn last line (the process died mid-write) is ignored.
+function M.read(path)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local out = { by_key = {}, records = 0 }
+  local lineno = 0
+  local pending_bad
+  for line in f:lines() do
+    lineno = lineno + 1
+    if pending_bad then
+      f:close()
+      return nil, ("journal %s: line %d is not JSON"):format(path, pending_bad)
+    end
+    if line ~= "" then
+      local rec = json.decode(line)
+      if type(rec) ~= "table" then
+        pending_bad = lineno             -- fatal unless it is the last line
+      else
+        out.records = out.records + 1
+        if rec.t == "batch" then out.header = out.header or rec
+        elseif rec.key then out.by_key[rec.key] = rec end
+      end
+    end
+  end
+  f:close()
+  return out
+end
+
+--- Opens a journal for appending. opts.resume: the file may exist (and is read);
+-- otherwise it must not exist. Returns journal, state | nil, err.
+function M.open(path, opts)
+  opts = opts or {}
+  local state = { by_key = {}, records = 0 }
+  local exists = io.open(path, "rb")
+  if exists then
+    exists:close()
+    if not opts.resume then
+      return nil, "journal " .. path .. " already exists: use --resume to continue that batch, or another --journal"
+    end
+    local st, err = M.read(path)
+    if not st then return nil, err end
+    state = st
+  end
+  local f, err = core.open_file(path, opts.resume and "append" or "excl")
+  if not f then return nil, err end
+  if f:mode() % 64 ~= 0 then                 -- group or other permission bits
+    io.stderr:write("enos: warning: journal " .. path .. " is readable by others (mode ", string.format("%o", f:mode()), ")\n")
+  end
+  local self = setmetatable({ path = path, f = f, buf = {}, seq = 0, synced = 0, state = state }, J)
+  return self, state
+end
+
+--- Buffers a record; returns its sequence number. Call flush() to make it durable.
+function J:append(rec)
+  rec.ts = rec.ts or math.floor(core.now_ms())
+  self.seq = self.seq + 1
+  self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
+  if rec.key then self.state.by_key[rec.key] = rec end
+  return self.seq
+end
+
+--- Writes and fsyncs everything buffered (one fsync for the group).
+function J:flush()
+  if #self.buf == 0 then return true end
+  local data = table.concat(self.buf)
+  local upto = self.seq
+  self.buf = {}
+  local ok, err = self.f:write(data)
+  if not ok then return nil, err end
+  ok, err = self.f:sync()
+  if not ok then return nil, err end
+  self.synced = upto
+  self.fsyncs = (self.fsyncs or 0) + 1
+  return true
+end
+
+function J:close()
+  if self.f then
+    self:flush()
+    self.f:close()
+    self.f = nil
+  end
+end
+
+return M

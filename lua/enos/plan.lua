@@ -1,0 +1,220 @@
+--- Batch plans: streamed CSV (with a header) or JSON Lines, row by row, with
+-- every row validated and the whole plan checked for duplicates.
+-- @module enos.plan
+local json = require "enos.json"
+local client_mod = require "enos.client"
+
+local M = {}
+
+local KNOWN = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true, orgId = true }
+M.KNOWN = KNOWN
+
+-- Splits one CSV record (RFC 4180: quotes, doubled quotes). Returns fields |
+-- nil, message. `more` reads the next physical line for a quoted line break.
+local function split_csv(line, more)
+  local fields, i, n = {}, 1, #line
+  while true do
+    local c = line:sub(i, i)
+    if c == '"' then
+      local buf, j = {}, i + 1
+      while true do
+        local q = line:find('"', j, true)
+        if not q then
+          local nxt = more and more()
+          if not nxt then return nil, "unterminated quoted field" end
+          buf[#buf + 1] = line:sub(j) .. "\n"
+          line, j, n = nxt, 1, #nxt
+        elseif line:sub(q + 1, q + 1) == '"' then
+          buf[#buf + 1] = line:sub(j, q)
+          j = q + 2
+        else
+          buf[#buf + 1] = line:sub(j, q - 1)
+          i = q + 1
+          break
+        end
+      end
+      fields[#fields + 1] = table.concat(buf)
+      local d = line:sub(i, i)
+      if d == "," then i = i + 1
+      elseif d == "" then return fields
+      else return nil, "unexpected text after a quoted field" end
+    else
+      local comma = line:find(",", i, true)
+      local field = line:sub(i, (comma or n + 1) - 1)
+      if field:find('"', 1, true) then return nil, "a quote inside an unquoted field" end
+      fields[#fields + 1] = field
+      if not comma then return fields end
+      i = comma + 1
+    end
+  end
+end
+M.split_csv = split_csv
+
+local function trim(s) return (s:gsub("^%s+", ""):gsub("%s+$", "")) end
+
+--- Opens a plan file. Returns a reader with :rows() (an iterator of row, err)
+-- and :close(), or nil, message. format: "csv" | "jsonl" | nil (by extension or content).
+function M.open(path, format)
+  local f, err = io.open(path, "rb")
+  if not f then return nil, "cannot read the plan: " .. tostring(err) end
+  if not format then
+    if path:match("%.jsonl$") or path:match("%.ndjson$") or path:match("%.json$") then format = "jsonl"
+    elseif path:match("%.csv$") then format = "csv"
+    else
+      local first = f:read("*l") or ""
+      f:seek("set", 0)
+      format = first:match("^%s*{") and "jsonl" or "csv"
+    end
+  end
+  if format ~= "csv" and format ~= "jsonl" then f:close() return nil, "unknown plan format " .. tostring(format) end
+  return setmetatable({ f = f, path = path, format = format }, { __index = M.Reader })
+end
+
+M.Reader = {}
+
+function M.Reader:close()
+  if self.f then self.f:close() self.f = nil end
+end
+
+--- Iterates rows: each is {line = n, fields = {...}, extra = {name = value}} or
+-- (nil, {line = n, message = ...}) for a malformed row.
+function M.Reader:rows()
+  local f, lineno, header = self.f, 0, nil
+  local function nextline()
+    local l = f:read("*l")
+    if l then lineno = lineno + 1; l = l:gsub("\r$", "") end
+    return l
+  end
+  return function()
+    while true do
+      local line = nextline()
+      if not line then return nil end
+      if lineno == 1 then line = line:gsub("^\239\187\191", "") end      -- UTF-8 BOM
+      if trim(line) ~= "" and not line:match("^%s*#") then
+        local start = lineno
+        if self.format == "jsonl" then
+          local doc, jerr = json.decode(line)
+          if type(doc) ~= "table" then
+            return false, { line = start, message = "not a JSON object: " .. tostring(jerr or "") }
+          end
+          local fields, extra = {}, {}
+          for k, v in pairs(doc) do
+            if KNOWN[k] then fields[k] = v else extra[k] = v end
+          end
+          return { line = start, fields = fields, extra = extra }
+        end
+        local cells, cerr = split_csv(line, nextline)
+        if not cells then return false, { line = start, message = "malformed CSV: " .. cerr } end
+        if not header then
+          header = {}
+          for i, name in ipairs(cells) do header[i] = trim(name) end
+          self.header = header
+          local has = {}
+          for _, name in ipairs(header) do has[name] = true end
+          if not has.newDeviceKey or not (has.assetId or (has.productKey and has.deviceKey)) then
+            return false, { line = start, fatal = true,
+              message = "the header needs newDeviceKey and assetId or productKey,deviceKey (got: "
+                .. table.concat(header, ",") .. ")" }
+          end
+        else
+          if #cells ~= #header then
+            return false, { line = start, message = ("has %d fields, the header has %d"):format(#cells, #header) }
+          end
+          local fields, extra = {}, {}
+          for i, name in ipairs(header) do
+            local v = trim(cells[i])
+            if v ~= "" then
+              if KNOWN[name] then fields[name] = v else extra[name] = v end
+            end
+          end
+          return { line = start, fields = fields, extra = extra, extra_order = header }
+        end
+      end
+    end
+  end
+end
+
+--- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message.
+function M.check_row(fields)
+  for _, k in ipairs { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" } do
+    local v = fields[k]
+    if v ~= nil then
+      if type(v) ~= "string" then return nil, k .. " must be a string" end
+      if #v > 64 then return nil, k .. " is longer than 64 characters" end
+      if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters" end
+    end
+  end
+  if fields.assetId and (fields.productKey or fields.deviceKey) then
+    return nil, "give either assetId or productKey+deviceKey, not both"
+  end
+  if not fields.assetId then
+    if not fields.productKey and not fields.deviceKey then return nil, "assetId or productKey+deviceKey is required" end
+    if not fields.productKey then return nil, "productKey is required with deviceKey" end
+    if not fields.deviceKey then return nil, "deviceKey is required with productKey" end
+  end
+  local ok, err = client_mod.check_device_key(fields.newDeviceKey)
+  if not ok then return nil, err.message end
+  if fields.deviceKey and fields.deviceKey == fields.newDeviceKey then
+    return nil, "newDeviceKey equals the current deviceKey"
+  end
+  return {
+    assetId = fields.assetId, productKey = fields.productKey, deviceKey = fields.deviceKey,
+    newDeviceKey = fields.newDeviceKey, orgId = fields.orgId,
+  }
+end
+
+--- A stable key naming a row's target (for duplicates and the journal).
+function M.target_key(t)
+  if t.assetId then return "a:" .. (t.orgId or "") .. ":" .. t.assetId end
+  return "d:" .. (t.orgId or "") .. ":" .. t.productKey .. ":" .. t.deviceKey
+end
+
+--- Checks a whole plan (streamed). Returns {rows = n, errors = {{line, message}…}}.
+-- Duplicates: the same target twice, the same newDeviceKey twice, and a
+-- newDeviceKey that is another row's current deviceKey (a chained rename).
+function M.check(path, format, max_errors)
+  max_errors = max_errors or 100
+  local reader, err = M.open(path, format)
+  if not reader then return nil, err end
+  local out = { rows = 0, errors = {}, format = reader.format }
+  local targets, newkeys, oldkeys = {}, {}, {}
+  local function add(line, message)
+    if #out.errors < max_errors then out.errors[#out.errors + 1] = { line = line, message = message } end
+    out.error_count = (out.error_count or 0) + 1
+  end
+  for row, rerr in reader:rows() do
+    if row == false then
+      add(rerr.line, rerr.message)
+      if rerr.fatal then break end
+    else
+      out.rows = out.rows + 1
+      local t, verr = M.check_row(row.fields)
+      if not t then
+        add(row.line, verr)
+      else
+        local tk = M.target_key(t)
+        if targets[tk] then add(row.line, "the same device as line " .. targets[tk]) else targets[tk] = row.line end
+        local nk = t.newDeviceKey
+        if newkeys[nk] then add(row.line, "newDeviceKey " .. nk .. " is also the new key of line " .. newkeys[nk])
+        else newkeys[nk] = row.line end
+        if t.deviceKey then
+          if newkeys[t.deviceKey] and newkeys[t.deviceKey] ~= row.line then
+            add(row.line, "deviceKey " .. t.deviceKey .. " is the new key of line " .. newkeys[t.deviceKey]
+              .. " (chained renames are not supported in one batch)")
+          end
+          oldkeys[t.deviceKey] = oldkeys[t.deviceKey] or row.line
+        end
+        if oldkeys[nk] and oldkeys[nk] ~= row.line then
+          add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. oldkeys[nk]
+            .. " (chained renames are not supported in one batch)")
+        end
+      end
+    end
+  end
+  reader:close()
+  if out.rows == 0 and #out.errors == 0 then add(0, "the plan has no rows") end
+  out.error_count = out.error_count or 0
+  return out
+end
+
+return M
