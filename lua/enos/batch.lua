@@ -197,7 +197,8 @@ function M.run(client, plan, opts)
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
 
-  local cred, results, present = nil, nil, {}
+  local cred, results
+  local present = {}
   local cred_format = format_of(o.out, o.format)
   if o.out then
     if o.resume then present = keys_in(o.out, cred_format) end
@@ -283,6 +284,7 @@ function M.run(client, plan, opts)
   local saved_transport, saved_own = client._transport, client._own_transport
   client._transport, client._own_transport = transport, false
 
+  local t0 = sched.now()
   local function progress(final)
     if not o.progress then return end
     local elapsed = (sched.now() - t0) / 1000
@@ -413,7 +415,7 @@ function M.run(client, plan, opts)
   end
 
   -- 5. The loop: stream rows, keep `concurrency` in flight, group-commit files.
-  local t0 = sched.now()
+  t0 = sched.now()
   local rows, close_plan = plan_rows(plan, o.plan_format)
   local exhausted = false
   local last_progress = 0
