@@ -318,7 +318,8 @@ function M.render_record(rec, format)
       else
         ev = json.encode(v)
       end
-      parts[#parts + 1] = "  " .. json.encode(k) .. ": " .. ev
+      -- cjson escapes "/"; a "\/" pair in its output is always such an escape
+      parts[#parts + 1] = "  " .. json.encode(k) .. ": " .. ev:gsub("\\/", "/")
     end
   end
   return "{\n" .. table.concat(parts, ",\n") .. "\n}\n"

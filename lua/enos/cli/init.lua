@@ -206,10 +206,9 @@ local function say(c, fmt, ...)
 end
 
 -- Prints an error on stderr (and as JSON on stdout with --json) and returns its exit code.
-local function report_error(c, args, err, code, extra)
-  local msg = tostring(err)
-  msg = msg:gsub("^enos: ", "")
-  say(c, "%s", msg)
+local function report_error(c, args, err, code, extra, note)
+  say(c, "%s", out.error_text(err))
+  if note then c.err(note .. "\n") end
   if args and args.json then
     local v = { ok = false, exit_code = code, error = out.error_view(err) }
     for k, x in pairs(extra or {}) do v[k] = x end
@@ -351,15 +350,17 @@ local function cmd_device(c, args)
   client:close()
   if not report then
     local code = M.exit_code(err)
-    local r0 = err.report
-    if err.outcome_unknown then
-      say(c, "OUTCOME UNKNOWN for asset %s: check it with `%s get --asset-id %s` before anything else",
-        tostring(r0 and r0.old and r0.old.assetId), PROG, tostring(r0 and r0.old and r0.old.assetId))
-    elseif r0 and (r0.outcome == "refused" or r0.outcome == "failed" or r0.outcome == "aborted") and not err.aborted then
-      c.err("Nothing was changed.\n")
-    end
     if err.aborted then return code end
-    return report_error(c, args, err, code, r0 and { report = out.report_view(r0, false) } or nil)
+    local r0 = err.report
+    local asset = r0 and r0.old and r0.old.assetId
+    local note
+    if err.outcome_unknown then
+      note = string.format("OUTCOME UNKNOWN for asset %s: check it with `%s get --asset-id %s` before anything else.",
+        tostring(asset), PROG, tostring(asset))
+    elseif r0 and (r0.outcome == "refused" or r0.outcome == "failed") then
+      note = "Nothing was changed."
+    end
+    return report_error(c, args, err, code, r0 and { report = out.report_view(r0, false) } or nil, note)
   end
 
   local code = EXIT.ok
@@ -379,7 +380,7 @@ local function cmd_device(c, args)
       tostring(report.error.message))
     if not args.json then c.out(workflow.render_record(rescue, "json")) end
   elseif report.error then
-    say(c, "the replace happened but: %s", tostring(report.error))
+    say(c, "the replace happened but: %s", out.error_text(report.error))
   end
   if code == EXIT.not_online then
     say(c, "done, but the new device did not come online within %s s", tostring(args.wait_active))

@@ -8,6 +8,11 @@ local M = {}
 
 -- ---------------------------------------------------------------- JSON
 
+-- cjson writes "/" as "\/"; valid but noisy for paths and URLs. A "\/" pair in its output is always
+-- an escaped slash (a backslash itself comes out as "\\"), so undoing it is safe.
+local function jstr(v) return (cjson.encode(v):gsub("\\/", "/")) end
+M.jstr = jstr
+
 local ARRAY = {}
 --- Marks a table as a JSON array (so an empty one encodes as []).
 function M.array(t) return setmetatable(t or {}, ARRAY) end
@@ -46,7 +51,7 @@ local function encode(v, indent, out)
       if i > 1 then out[#out + 1] = "," end
       local x = v[k]
       if x == nil then x = v[tonumber(k)] end
-      out[#out + 1] = pad .. cjson.encode(k) .. sep
+      out[#out + 1] = pad .. jstr(k) .. sep
       encode(x, nxt, out)
     end
     out[#out + 1] = close .. "}"
@@ -54,7 +59,7 @@ local function encode(v, indent, out)
     if v == math.floor(v) and math.abs(v) < 2 ^ 53 then out[#out + 1] = string.format("%d", v)
     else out[#out + 1] = string.format("%.3f", v):gsub("0+$", "") end
   elseif tv == "string" or tv == "boolean" then
-    out[#out + 1] = cjson.encode(v)
+    out[#out + 1] = jstr(v)
   else
     out[#out + 1] = "null"
   end
@@ -68,6 +73,16 @@ function M.json(v, pretty)
 end
 
 -- ---------------------------------------------------------------- views
+
+--- One line for an error: message [kind, EnOS code, HTTP status, request id].
+function M.error_text(err)
+  if type(err) ~= "table" then return tostring(err) end
+  local tags = { tostring(err.kind) }
+  if err.code then tags[#tags + 1] = "code " .. tostring(err.code) end
+  if err.status then tags[#tags + 1] = "HTTP " .. tostring(err.status) end
+  if err.request_id then tags[#tags + 1] = "request " .. tostring(err.request_id) end
+  return tostring(err.message) .. " [" .. table.concat(tags, ", ") .. "]"
+end
 
 --- The plain-table view of an error (never a secret: errors are scrubbed at the source).
 function M.error_view(err)
