@@ -213,6 +213,97 @@ describe("enos-replace against the simulator", function()
       assert.matches("Nothing was changed", r.err)
     end)
 
+    it("a short 503 storm ends in success within the retry bound", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_16" }
+      h:admin("POST", "/faults", { error_share = 1, error_status = 503, match = "replaceDevice", count = 2 })
+      local r = run { "device", "--asset-id", d.assetId, "--new-key", "cli_new_16", "--out", newpath("c.json"),
+        "--yes", "--json" }
+      assert.equal(0, r.code, r.err)
+      assert.equal(3, json_of(r).attempts)
+      assert.equal("cli_new_16", device(d.assetId).deviceKey)
+    end)
+
+    it("a timeout while the platform applies the replace ends reconciled (real settle pause)", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_17" }
+      h:admin("POST", "/faults", { latency_ms = 1500, match = "replaceDevice", count = 1 })
+      local out = newpath("c.json")
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_17", "--out", out, "--yes", "--json",
+        "--timeout", "1" }, { sleep = require("enos.workflow").default_sleep })
+      assert.equal(0, r.code, r.err)
+      local v = json_of(r)
+      assert.equal("reconciled", v.outcome)
+      assert.matches("timeout", v.steps[2].detail)
+      assert.equal(device(d.assetId).deviceSecret, cjson.decode(H.readfile(out)).deviceSecret)
+    end)
+
+    it("in V2.1 mode reads the clear secret from the reply", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_18" }
+      local out = newpath("c.json")
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_18", "--out", out, "--yes",
+        "--api-version", "v2.1" }, { env = env { ENOS_PRIVATE_KEY_FILE = false } })
+      assert.equal(0, r.code, r.err)
+      assert.equal(device(d.assetId).deviceSecret, cjson.decode(H.readfile(out)).deviceSecret)
+      local path
+      for _, e in ipairs(h:log()) do if e.op == "replaceDevice" then path = e.path end end
+      assert.equal("/connect-service/v2.1/devices", path)
+    end)
+
+    it("without a private key (V2.4) the secret is not requested and the output says why", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_19" }
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_19", "--yes" },
+        { env = env { ENOS_PRIVATE_KEY_FILE = false } })
+      assert.equal(0, r.code, r.err)
+      assert.matches("no private key configured", r.out)
+      assert.matches("not requested", r.out)
+    end)
+
+    -- a real transport with a hook run on each reply
+    local function hooked(hook)
+      local inner = core.easy { cafile = h.ca_file, timeout = 10 }
+      return { send = function(_, req)
+        local res, err = inner:send(req)
+        if res then res = hook(req, res) or res end
+        return res, err
+      end, close = function() inner:close() end }
+    end
+
+    it("exit 6 when verification fails after the replace (the secret is still delivered)", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_20" }
+      local replaced = false
+      local t = hooked(function(req, res)
+        if req.url:find("action=replaceDevice", 1, true) then replaced = true end
+        if replaced and req.url:find("action=get", 1, true) then   -- the platform reads back inconsistently
+          res.body = res.body:gsub('"status":"inactive"', '"status":"disable"')
+        end
+      end)
+      local out = newpath("c.json")
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_20", "--out", out, "--yes", "--json" },
+        { client_options = { transport = t } })
+      t.close()
+      assert.equal(6, r.code, r.err)
+      local v = json_of(r)
+      assert.is_false(v.ok)
+      assert.equal("replaced", v.outcome)
+      assert.equal("verify", v.error.step)
+      assert.matches("the replace happened but", r.err)
+      assert.equal(device(d.assetId).deviceSecret, cjson.decode(H.readfile(out)).deviceSecret)
+    end)
+
+    it("exit 6 when the secret file cannot be written after the replace; the record is printed instead", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_21" }
+      local sub = newpath("vanishing")
+      H.sh("mkdir " .. sub)
+      local t = hooked(function(req)
+        if req.url:find("action=replaceDevice", 1, true) then H.sh("rmdir " .. sub .. " && touch " .. sub) end
+      end)
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_21", "--out", sub .. "/c.json", "--yes" },
+        { client_options = { transport = t }, scan = false })
+      t.close()
+      assert.equal(6, r.code, r.err)
+      assert.matches("so the secret is not lost", r.err)
+      assert.matches(device(d.assetId).deviceSecret, r.out, 1, true)
+    end)
+
     it("a gateway keeps its sub-devices; the ones dropped mid-flight are re-attached", function()
       local gw = seed { productKey = "pk_gateway", deviceKey = "cli_gw_old" }
       local s1 = seed { productKey = "pk_demo", deviceKey = "cli_sub_1", gateway = gw.assetId }

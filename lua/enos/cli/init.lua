@@ -331,11 +331,12 @@ local function cmd_device(c, args)
   end
 
   local wopts = {
-    require_secret = not args.no_secret and wants_secret or false,
     check_free = not args.skip_free_check, dry_run = args.dry_run or nil, out = args.out,
     format = args.format or "json", overwrite = args.overwrite or nil, wait_active = args.wait_active,
     max_attempts = args.max_attempts, sleep = c.sleep, clock = c.clock,
   }
+  -- require_secret stays nil (= when a private key is loaded, or V2.1) unless --no-secret
+  if args.no_secret then wopts.require_secret = false end
   wopts.confirm = function(plan)
     if not args.json or not args.yes then c.err(out.plan_text(plan, client.endpoint, client.org_id)) end
     if args.yes then return true end
