@@ -129,7 +129,7 @@ Examples:
 
 Without a private key (V2.4) the new secret is not requested. When it is requested, give --out FILE
 (or --show-secret): the command refuses to run without a place for the secret.
-]] .. EXIT_TEXT)
+]] .. "\n" .. EXIT_TEXT)
 
   local g = p:command("get", "Show a device (and, with --secret, its current deviceSecret).")
   help_flag(g, state, "get")
@@ -149,7 +149,7 @@ Examples:
    enos-replace get --asset-id Nmw9npSq
    enos-replace get --product-key pk_demo --device-key dev_new_01 --json
    enos-replace get --asset-id Nmw9npSq --secret --out cred.json
-]] .. EXIT_TEXT)
+]] .. "\n" .. EXIT_TEXT)
 
   local c = p:command("config", "Show the resolved configuration and the source of each value (secrets masked).")
   help_flag(c, state, "config")
