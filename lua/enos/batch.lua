@@ -21,6 +21,7 @@ M.DEFAULTS = {
   backoff_max_ms = 30000,
   verify = true,
   check_free = false,      -- the replace's own 11702 already refuses a taken key, changing nothing
+  max_attempts = 8,        -- replace attempts per row (the workflow reads back between them)
   progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
 }
 
@@ -254,7 +255,7 @@ function M.run(client, plan, opts)
       if row and is_replace then
         -- durable before the request leaves: a crash from here on is reconciled on resume
         local seq = journal:append { key = row.key, line = row.line, state = "sending",
-          assetId = row.assetId, newDeviceKey = row.target.newDeviceKey }
+          assetId = row.assetId, newDeviceKey = row.target.newDeviceKey, timeout = req.timeout }
         sched:wait_for(function() return journal.synced >= seq end)
       end
       local attempt = 0
@@ -330,6 +331,11 @@ function M.run(client, plan, opts)
   -- process died): done → the new credentials; not done → nil (safe to run).
   local function read_back(row, prev)
     local t = row.target
+    -- The request may still be on its way or being handled: wait until it
+    -- must have ended (its timeout) plus the settle time before trusting a read.
+    local ready_at = (prev.ts or 0) + (prev.timeout or client.timeout) * 1000 + (o.settle_ms or 2000)
+    local wait = ready_at - core.now_ms()
+    if wait > 0 then sched:sleep(wait / 1000) end
     local ident = prev.assetId and { assetId = prev.assetId, orgId = t.orgId }
       or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
       or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
@@ -391,7 +397,7 @@ function M.run(client, plan, opts)
     for k, v in pairs(row.target) do target[k] = v end
     local report, err = workflow.replace(client, target, {
       sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
-      verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts,
+      verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
     })
     if not report and err and err.report and err.report.new then report = err.report end
     if report and report.new then

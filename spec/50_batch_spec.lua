@@ -1,0 +1,239 @@
+-- Fleet-scale batch: plan checks, faults, journal, crash and resume.
+local enos = require "enos"
+local batch = require "enos.batch"
+local cjson = require "cjson"
+local H = require "helpers"
+local sim = dofile("spec/sim_helper.lua")
+
+local ORG = "o15724268424841"
+local FLAVOUR = type(jit) == "table" and "luajit" or "lua5.4"
+
+local function seed(n)
+  local devices = {}
+  for i = 1, n do
+    devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("A%07d"):format(i) }
+  end
+  return devices
+end
+
+local function write_plan(path, n, form)
+  local f = assert(io.open(path, "w"))
+  if form == "jsonl" then
+    for i = 1, n do
+      f:write(cjson.encode { assetId = ("A%07d"):format(i), newDeviceKey = ("NEW-%05d"):format(i), site = "s" .. i }, "\n")
+    end
+  else
+    f:write("productKey,deviceKey,newDeviceKey,site\n")
+    for i = 1, n do f:write(("pk_demo,OLD-%05d,NEW-%05d,\"Site %d, North\"\n"):format(i, i, i)) end
+  end
+  f:close()
+end
+
+-- Every row done exactly once, every secret in the credentials file the one the simulator holds.
+local function assert_all_done(h, n, creds_path, journal_path)
+  local _, list = h:admin("GET", "/devices")
+  local by_asset = {}
+  for _, d in ipairs(list.data) do by_asset[d.assetId] = d end
+  local creds = {}
+  local f = assert(io.open(creds_path))
+  local header = f:read("*l")
+  assert.equal("line,assetId,productKey,deviceKey,deviceSecret,encryptedSecret,sessionKey,outcome", header)
+  for line in f:lines() do
+    local cells = require("enos.plan").split_csv(line)
+    assert.is_nil(creds[cells[2]], "asset " .. cells[2] .. " written twice")
+    creds[cells[2]] = { deviceKey = cells[4], secret = cells[5] }
+  end
+  f:close()
+  local journal = H.readfile(journal_path)
+  for i = 1, n do
+    local asset = ("A%07d"):format(i)
+    local d = by_asset[asset]
+    assert.equal(("NEW-%05d"):format(i), d.deviceKey)
+    assert.equal("inactive", d.status)
+    assert.is_table(creds[asset], "no credentials for " .. asset)
+    assert.equal(d.deviceKey, creds[asset].deviceKey)
+    assert.equal(d.deviceSecret, creds[asset].secret)
+    assert.falsy(journal:find(d.deviceSecret, 1, true), "plaintext secret in the journal")
+  end
+  -- exactly once: one applied replace per asset (an ambiguous drop was applied too)
+  local applied = {}
+  for _, e in ipairs(h:log()) do
+    if e.op == "replaceDevice" and (e.code == 0 or e.fault == "ambiguous") then
+      local q = require("enos.core").parse_query(e.query or "") or {}
+      local who = q.assetId or q.deviceKey
+      applied[who] = (applied[who] or 0) + 1
+    end
+  end
+  for who, count in pairs(applied) do assert.equal(1, count, who .. " replaced " .. count .. " times") end
+end
+
+describe("batch plan check", function()
+  local h, dir
+  setup(function()
+    h = sim.start { config = { devices = seed(5) } }
+    dir = H.tmpdir()
+  end)
+  teardown(function() if h then h:stop() end end)
+
+  local bad = {
+    { "missing column", "productKey,deviceKey\npk_demo,OLD-00001\n", 1, "header" },
+    { "bad new key", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000002,bad key!\n", 3, "newDeviceKey" },
+    { "duplicate target", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000001,NEW-00002\n", 3, "same device as line 2" },
+    { "duplicate new key", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000002,NEW-00001\n", 3, "also the new key of line 2" },
+    { "new equals old", "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,OLD-00001\n", 2, "equals the current" },
+    { "chained rename", "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,NEW-00001\npk_demo,NEW-00001,NEW-00009\n", 3,
+      "chained" },
+    { "both identifiers", "assetId,productKey,deviceKey,newDeviceKey\nA0000001,pk_demo,OLD-00001,NEW-00001\n", 2, "either" },
+    { "unterminated quote", "assetId,newDeviceKey,note\nA0000001,NEW-00001,\"open\n", 2, "unterminated" },
+    { "wrong field count", "assetId,newDeviceKey\nA0000001,NEW-00001,extra\n", 2, "has 3 fields" },
+    { "control character", "assetId,newDeviceKey\nA00\0011,NEW-00001\n", 2, "control" },
+    { "empty plan", "assetId,newDeviceKey\n", 0, "no rows" },
+  }
+  for _, case in ipairs(bad) do
+    it("catches " .. case[1] .. " with its line number and sends nothing", function()
+      local path = dir .. "/bad.csv"
+      H.writefile(path, case[2])
+      local c = assert(enos.client { endpoint = h.url, access_key = "sim-access-key", secret_key = "sim-secret-key",
+        org_id = ORG })
+      local before = #h:log()
+      local s, err = batch.run(c, path, { journal = dir .. "/j-" .. case[1]:gsub(" ", "_") })
+      assert.is_nil(s)
+      assert.equal("invalid_argument", err.kind)
+      local found = false
+      for _, e in ipairs(err.check.errors) do
+        if e.line == case[3] and e.message:find(case[4], 1, true) then found = true end
+      end
+      assert.is_true(found, "expected line " .. case[3] .. ": " .. case[4] .. "; got " .. cjson.encode(err.check.errors))
+      assert.equal(before, #h:log())
+    end)
+  end
+
+  it("check on a JSONL plan reports a line that is not an object", function()
+    local path = dir .. "/bad.jsonl"
+    H.writefile(path, '{"assetId":"A0000001","newDeviceKey":"NEW-00001"}\n[1,2]\n')
+    local res = batch.check(path)
+    assert.equal(1, res.error_count)
+    assert.equal(2, res.errors[1].line)
+  end)
+end)
+
+describe("batch against the simulator", function()
+  local h, kp, dir
+  local N = 500
+  setup(function()
+    kp = H.keypair()
+    h = sim.start { workers = 2, config = {
+      log_size = 20000,
+      apps = { { access_key = "ak", secret_key = "sk", public_key_file = kp.public_file } },
+      devices = seed(N) } }
+    dir = H.tmpdir()
+  end)
+  teardown(function() if h then h:stop() end end)
+  before_each(function() h:admin("POST", "/reset") end)
+
+  local function client()
+    return assert(enos.client { endpoint = h.url, access_key = "ak", secret_key = "sk", org_id = ORG,
+      private_key_file = kp.private_file, timeout = 5 })
+  end
+
+  it("a 500-row plan under 429 storms, 5xx, drops and ambiguous drops ends with every row done once", function()
+    local plan = dir .. "/plan500.csv"
+    write_plan(plan, N)
+    h:admin("POST", "/faults", { rate_limit = { status = 429, retry_after = 0, share = 0.15 },
+      error_share = 0.05, error_status = 503, drop_share = 0.03, ambiguous_share = 0.05 })
+    local c = client()
+    local progress = 0
+    local s = assert(batch.run(c, plan, { concurrency = 16, journal = dir .. "/j500", out = dir .. "/creds500.csv",
+      settle_ms = 50, backoff_ms = 20, progress = function() progress = progress + 1 end }))
+    h:admin("DELETE", "/faults")
+    assert.equal(N, s.total)
+    local fails = {}
+    for line in io.lines(dir .. "/j500.results.csv") do
+      if line:find(",failed,", 1, true) or line:find(",unknown,", 1, true) then fails[#fails + 1] = line end
+    end
+    assert.equal(0, s.failed, table.concat(fails, "\n"))
+    assert.equal(N, s.done)
+    assert.is_true(s.retries > 0)
+    assert.is_true(s.reconciled > 0)
+    assert.is_true(progress > 0)
+    assert_all_done(h, N, dir .. "/creds500.csv", dir .. "/j500")
+    local mode = H.sh("stat -c %a " .. dir .. "/creds500.csv"):gsub("%s+", "")
+    assert.equal("600", mode)
+    assert.equal("600", (H.sh("stat -c %a " .. dir .. "/j500"):gsub("%s+", "")))
+    -- a second run without --resume refuses to reuse the journal
+    local again, err = batch.run(c, plan, { journal = dir .. "/j500" })
+    assert.is_nil(again)
+    assert.matches("resume", err.message)
+  end)
+
+  it("a JSONL plan by assetId, results file with every row's outcome", function()
+    local plan = dir .. "/plan.jsonl"
+    write_plan(plan, 20, "jsonl")
+    local s = assert(batch.run(client(), plan, { journal = dir .. "/jj", out = dir .. "/creds.jsonl",
+      results = dir .. "/results.csv" }))
+    assert.equal(20, s.done)
+    local lines = 0
+    for line in io.lines(dir .. "/creds.jsonl") do
+      local r = cjson.decode(line)
+      assert.is_string(r.deviceSecret)
+      lines = lines + 1
+    end
+    assert.equal(20, lines)
+    local results = H.readfile(dir .. "/results.csv")
+    assert.matches("line,target,newDeviceKey,assetId,outcome,error_kind,error_code,message", results, 1, true)
+    local _, count = results:gsub("replaced", "")
+    assert.equal(20, count)
+  end)
+
+  it("records a row that fails for good and goes on", function()
+    local plan = dir .. "/conflict.csv"
+    -- row 2 wants a key another device of the product already has
+    H.writefile(plan, "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000002,OLD-00003\nA0000004,NEW-00004\n")
+    local s = assert(batch.run(client(), plan, { journal = dir .. "/jc", out = dir .. "/cc.csv" }))
+    assert.equal(2, s.done)
+    assert.equal(1, s.failed)
+    assert.equal(1, s.failed_by_kind.conflict)
+    local results = H.readfile(dir .. "/jc.results.csv")
+    assert.matches("A0000002,OLD%-00003,A0000002,failed,conflict,11702", results)
+  end)
+
+  it("kill -9 at several points, then --resume: every row done exactly once, every secret recoverable", function()
+    local n = 200
+    local plan = dir .. "/plan-kill.csv"
+    write_plan(plan, n)
+    local journal, out = dir .. "/jk", dir .. "/ck.csv"
+    -- slow replaces: at each kill some are in flight (journaled "sending", applied by the server)
+    h:admin("POST", "/faults", { latency_ms = 150, match = "replaceDevice" })
+    local env = ("LUA_PATH='lua/?.lua;lua/?/init.lua;;' LUA_CPATH='build/%s/?.so;;' "):format(FLAVOUR)
+    local cmd = ("%s %s spec/fixtures/run_batch.lua %s ak sk %s %s %s %s %s"):format(env, FLAVOUR, h.url, ORG,
+      kp.private_file, plan, journal, out)
+    local function journal_lines()
+      local f = io.open(journal)
+      if not f then return 0 end
+      local c = 0
+      for _ in f:lines() do c = c + 1 end
+      f:close()
+      return c
+    end
+    for _, at in ipairs { 3, 40, 120 } do
+      local pid = H.sh("sh -c '" .. cmd:gsub("'", "'\\''") .. " >/dev/null 2>&1 & echo $!'"):gsub("%s+", "")
+      local waited = 0
+      while journal_lines() < at and waited < 200 do os.execute("sleep 0.05") waited = waited + 1 end
+      os.execute("kill -9 " .. pid .. " 2>/dev/null")
+      os.execute("sleep 0.1")
+    end
+    h:admin("POST", "/faults", { ambiguous_share = 0.05 })
+    local s = assert(batch.run(client(), plan, { journal = journal, out = out, resume = true, settle_ms = 50 }))
+    h:admin("DELETE", "/faults")
+    local function failures(path)
+      local out = {}
+      for line in io.lines(path) do if line:find(",failed,", 1, true) or line:find(",unknown,", 1, true) then out[#out + 1] = line end end
+      return table.concat(out, "\n")
+    end
+    assert.equal(0, s.failed, failures(journal .. ".results.csv"))
+    assert.equal(n, s.done + s.skipped)
+    assert.is_true(s.skipped > 0)
+    assert.is_true(s.reconciled > 0, "no in-flight row was reconciled")
+    assert_all_done(h, n, out, journal)
+  end)
+end)
