@@ -37,11 +37,11 @@ local function assert_all_done(h, n, creds_path, journal_path)
   local creds = {}
   local f = assert(io.open(creds_path))
   local header = f:read("*l")
-  assert.equal("line,assetId,productKey,deviceKey,deviceSecret,encryptedSecret,sessionKey,outcome", header)
+  assert.equal("line,assetId,productKey,deviceKey,deviceSecret,encryptedSecret,sessionKey,outcome,site", header)
   for line in f:lines() do
     local cells = require("enos.plan").split_csv(line)
     assert.is_nil(creds[cells[2]], "asset " .. cells[2] .. " written twice")
-    creds[cells[2]] = { deviceKey = cells[4], secret = cells[5] }
+    creds[cells[2]] = { deviceKey = cells[4], secret = cells[5], site = cells[9] }
   end
   f:close()
   local journal = H.readfile(journal_path)
@@ -53,6 +53,7 @@ local function assert_all_done(h, n, creds_path, journal_path)
     assert.is_table(creds[asset], "no credentials for " .. asset)
     assert.equal(d.deviceKey, creds[asset].deviceKey)
     assert.equal(d.deviceSecret, creds[asset].secret)
+    assert.equal(("Site %d, North"):format(i), creds[asset].site)     -- extra columns carried through
     assert.falsy(journal:find(d.deviceSecret, 1, true), "plaintext secret in the journal")
   end
   -- exactly once: one applied replace per asset (an ambiguous drop was applied too)

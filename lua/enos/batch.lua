@@ -205,14 +205,16 @@ function M.run(client, plan, opts)
     if o.resume then present = keys_in(o.out, cred_format) end
     local cols = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret", "sessionKey",
       "outcome" }
+    for _, x in ipairs(chk.extra_columns or {}) do cols[#cols + 1] = x end
     local r, err = open_out(o.out, cols, cred_format, o.resume)
     if not r then journal:close() return nil, errors.new("config", err) end
     cred = r
   end
   local rpath = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
   do
-    local r, err = open_out(rpath, { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind",
-      "error_code", "message" }, format_of(rpath), o.resume)
+    local cols = { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind", "error_code", "message" }
+    for _, x in ipairs(chk.extra_columns or {}) do cols[#cols + 1] = x end
+    local r, err = open_out(rpath, cols, format_of(rpath), o.resume)
     if not r then journal:close() if cred then cred:close() end return nil, errors.new("config", err) end
     results = r
   end
@@ -308,17 +310,23 @@ function M.run(client, plan, opts)
   local function deliver(row, new, outcome)
     if not cred or present[new.deviceKey] then return end
     local enc = new.encrypted or {}
-    cred:add { line = row.line, assetId = new.assetId, productKey = new.productKey, deviceKey = new.deviceKey,
-      deviceSecret = new.deviceSecret, encryptedSecret = not new.deviceSecret and enc.deviceSecret or nil,
-      sessionKey = not new.deviceSecret and enc.sessionKey or nil, outcome = outcome }
+    local rec = {}
+    for k, v in pairs(row.extra or {}) do rec[k] = v end
+    rec.line, rec.assetId, rec.productKey, rec.deviceKey = row.line, new.assetId, new.productKey, new.deviceKey
+    rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
+    if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
+    cred:add(rec)
     present[new.deviceKey] = true
   end
 
   local function result(row, outcome, assetId, e)
     local t = row.target
-    results:add { line = row.line, target = t.assetId or (t.productKey .. "/" .. t.deviceKey),
-      newDeviceKey = t.newDeviceKey, assetId = assetId, outcome = outcome,
-      error_kind = e and e.kind, error_code = e and e.code, message = e and e.message }
+    local rec = {}
+    for k, v in pairs(row.extra or {}) do rec[k] = v end
+    rec.line, rec.target = row.line, t.assetId or (t.productKey .. "/" .. t.deviceKey)
+    rec.newDeviceKey, rec.assetId, rec.outcome = t.newDeviceKey, assetId, outcome
+    rec.error_kind, rec.error_code, rec.message = e and e.kind, e and e.code, e and e.message
+    results:add(rec)
   end
 
   local function count_failed(e)
@@ -432,7 +440,8 @@ function M.run(client, plan, opts)
         if row == nil then exhausted = true break end
         if row then
           local t = assert(plan_mod.check_row(row.fields))
-          local r = { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId }
+          local r = { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId,
+            extra = row.extra }
           sched:spawn(run_row, r)
         end
       end

@@ -211,6 +211,10 @@ function M.check(path, format, max_errors)
       end
     end
   end
+  out.extra_columns = {}
+  for _, name in ipairs(reader.header or {}) do
+    if not KNOWN[name] then out.extra_columns[#out.extra_columns + 1] = name end
+  end
   reader:close()
   if out.rows == 0 and #out.errors == 0 then add(0, "the plan has no rows") end
   out.error_count = out.error_count or 0

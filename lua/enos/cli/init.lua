@@ -12,6 +12,7 @@ local errors = require "enos.errors"
 local profile = require "enos.profile"
 local workflow = require "enos.workflow"
 local out = require "enos.cli.output"
+local batch_cmd = require "enos.cli.batch"
 
 local M = {}
 
@@ -131,6 +132,11 @@ Without a private key (V2.4) the new secret is not requested. When it is request
 (or --show-secret): the command refuses to run without a place for the secret.
 ]] .. "\n" .. EXIT_TEXT)
 
+  local b = batch_cmd.add_command(p, {
+    help_flag = function(cmd, name) return help_flag(cmd, state, name) end,
+    connection_options = connection_options,
+  })
+
   local g = p:command("get", "Show a device (and, with --secret, its current deviceSecret).")
   help_flag(g, state, "get")
   target_options(g)
@@ -171,7 +177,7 @@ Profile file format (INI; `#` or `;` starts a comment line):
 
 Exits 3 when a required setting (endpoint, access_key, secret_key, org_id) is missing.
 ]] .. CONFIG_TEXT)
-  return p, { main = p, device = d, get = g, config = c }
+  return p, { main = p, device = d, get = g, config = c, batch = b }
 end
 
 -- ---------------------------------------------------------------- context
@@ -197,7 +203,7 @@ local function new_ctx(ctx)
   return {
     argv = ctx.argv or {}, getenv = getenv,
     out = writer(ctx.stdout, io.stdout), err = writer(ctx.stderr, io.stderr), readline = reader(ctx.stdin),
-    isatty = ctx.isatty == true, sleep = ctx.sleep, clock = ctx.clock, client_options = ctx.client_options,
+    isatty = ctx.isatty == true, stderr_tty = ctx.stderr_tty == true, sleep = ctx.sleep, clock = ctx.clock, client_options = ctx.client_options,
   }
 end
 
@@ -497,7 +503,7 @@ local function run(c)
     return EXIT.ok
   end
   if not args.command then
-    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, get or config); see --help\n")
+    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, get or config); see --help\n")
     return EXIT.usage
   end
   if args.timeout ~= nil then
@@ -506,6 +512,9 @@ local function run(c)
   end
   if args.command == "device" then return cmd_device(c, args) end
   if args.command == "get" then return cmd_get(c, args) end
+  if args.command == "batch" then
+    return batch_cmd.run(c, args, { EXIT = EXIT, say = say, make_client = make_client, report_error = report_error })
+  end
   return cmd_config(c, args)
 end
 
@@ -531,7 +540,7 @@ function M.run_process(argv)
   for i = 1, #(argv or {}) do list[i] = argv[i] end
   local code = M.main {
     argv = list, env = os.getenv, stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
-    isatty = shell_ok("test -t 0"),
+    isatty = shell_ok("test -t 0"), stderr_tty = shell_ok("test -t 2"),
   }
   io.stdout:flush()
   io.stderr:flush()

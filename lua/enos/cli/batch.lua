@@ -1,0 +1,157 @@
+--- enos-replace batch: fleet-scale replacement from a CSV or JSON Lines plan.
+-- @module enos.cli.batch
+local batch = require "enos.batch"
+local core = require "enos.core"
+local out = require "enos.cli.output"
+
+local M = {}
+
+M.EXIT_TEXT = [[
+Exit codes (batch):
+   0  every row is done (now or in an earlier run resumed here)
+   2  usage, or the plan has errors (listed with their line numbers; nothing was sent)
+   3  configuration or authentication
+   4  some rows failed for good (see the results file); the others are done
+   5  the batch stopped (network, files); run it again with --resume]]
+
+--- Adds the `batch` command to the parser.
+function M.add_command(p, h)
+  local b = p:command("batch", "Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably.")
+  h.help_flag(b, "batch")
+  b:argument("plan", "The plan: CSV with a header (assetId or productKey,deviceKey, then newDeviceKey; other "
+    .. "columns are carried through) or JSON Lines (.jsonl)."):args("?")
+  b:group("Batch",
+    b:option("--concurrency", "Rows in flight at once (default 8)."):argname("<n>"),
+    b:option("--qps", "At most this many requests per second (default: no cap)."):argname("<r>"),
+    b:option("--out", "Credentials file (0600; .csv or .jsonl), written as rows complete."):argname("<file>"),
+    b:option("--journal", "Journal file (default PLAN.journal): makes the batch resumable."):argname("<file>"),
+    b:option("--results", "Results file (default JOURNAL.results.csv): every row's outcome."):argname("<file>"),
+    b:flag("--resume", "Continue the batch of --journal: skip done rows, reconcile rows that were in flight."),
+    b:flag("--check", "Only check the plan (every row, duplicates); send nothing."),
+    b:flag("--no-secret", "Do not request the new deviceSecrets."),
+    b:flag("-y --yes", "Do not ask for confirmation."),
+    b:flag("--json", "Print the summary as one JSON document on stdout.")
+  )
+  h.connection_options(b)
+  b:epilog([[
+Examples:
+   # check a plan: every error with its line number; nothing is sent
+   enos-replace batch plan.csv --check
+
+   # run it: 16 rows at a time, at most 50 requests/s, secrets to a 0600 file
+   enos-replace batch plan.csv --concurrency 16 --qps 50 --out creds.csv --yes
+
+   # the process died (or was killed): continue exactly where it stopped
+   enos-replace batch plan.csv --out creds.csv --resume --yes
+
+Plan (CSV):
+   productKey,deviceKey,newDeviceKey,site
+   pk_inverter,INV-2231-A,INV-2231-B,North
+
+The journal holds the encrypted secrets only; the credentials file holds the decrypted ones
+(or the encrypted pair when no private key is configured).
+]] .. "\n" .. M.EXIT_TEXT)
+  return b
+end
+
+local function fmt_eta(s)
+  if not s then return "?" end
+  if s >= 3600 then return string.format("%dh%02dm", math.floor(s / 3600), math.floor(s % 3600 / 60)) end
+  if s >= 60 then return string.format("%dm%02ds", math.floor(s / 60), math.floor(s % 60)) end
+  return string.format("%ds", math.floor(s))
+end
+
+--- Runs the batch command; returns the exit code.
+function M.run(c, args, h)
+  local EXIT = h.EXIT
+  if not args.plan then h.say(c, "a plan file is required: enos-replace batch PLAN") return EXIT.usage end
+  for _, name in ipairs { "concurrency", "qps" } do
+    if args[name] ~= nil then
+      local n = tonumber(args[name])
+      if not n or n <= 0 or (name == "concurrency" and (n % 1 ~= 0 or n > 1024)) then
+        h.say(c, "--%s must be a %s", name, name == "concurrency" and "whole number 1-1024" or "positive number")
+        return EXIT.usage
+      end
+      args[name] = n
+    end
+  end
+
+  local chk, cerr = batch.check(args.plan)
+  if not chk then h.say(c, "%s", tostring(cerr)) return EXIT.usage end
+  if chk.error_count > 0 then
+    for _, e in ipairs(chk.errors) do c.err(string.format("%s:%d: %s\n", args.plan, e.line, e.message)) end
+    if chk.error_count > #chk.errors then
+      c.err(string.format("… and %d more\n", chk.error_count - #chk.errors))
+    end
+    h.say(c, "the plan has %d error(s); nothing was sent", chk.error_count)
+    if args.json then c.out(out.json({ ok = false, rows = chk.rows, errors = chk.errors }, true) .. "\n") end
+    return EXIT.usage
+  end
+  if args.check then
+    c.err(string.format("%s: %d row(s), no errors\n", args.plan, chk.rows))
+    if args.json then c.out(out.json({ ok = true, rows = chk.rows }, true) .. "\n") end
+    return EXIT.ok
+  end
+
+  local client, _ = h.make_client(c, args)
+  if not client then return _ end
+  local require_secret = not args.no_secret and client.api_version ~= "v2.1" and client:has_private_key()
+  if (require_secret or client.api_version == "v2.1") and not args.out then
+    h.say(c, "the new secrets need a place: give --out FILE (or --no-secret)")
+    return EXIT.usage
+  end
+  if not args.yes then
+    if not c.isatty then
+      h.say(c, "refusing to change devices without confirmation: stdin is not a terminal. Add --yes.")
+      return EXIT.usage
+    end
+    c.err(string.format("About to replace %d device(s) from %s at %s (org %s)%s.\nProceed? [y/N] ",
+      chk.rows, args.plan, client.endpoint, tostring(client.org_id),
+      args.resume and ", resuming" or ""))
+    local answer = c.readline()
+    if not (answer and answer:lower():match("^%s*y[es]*%s*$")) then
+      c.err("Not confirmed; nothing changed.\n")
+      return EXIT.aborted
+    end
+  end
+
+  local tty_err = c.stderr_tty
+  local last_line = 0
+  local function progress(p)
+    local line = string.format("%d/%d done  %.1f/s  ETA %s  retries %d  failed %d", p.done, p.total, p.rate,
+      fmt_eta(p.eta), p.retries, p.failed)
+    if tty_err then
+      c.err("\r\27[K" .. line .. (p.final and "\n" or ""))
+    else
+      local now = core.monotonic_ms()
+      if p.final or now - last_line >= 5000 then last_line = now c.err(line .. "\n") end
+    end
+  end
+
+  local s, err = batch.run(client, args.plan, {
+    concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
+    results = args.results, resume = args.resume, require_secret = require_secret and true or false,
+    progress = progress,
+  })
+  client:close()
+  if not s then
+    local code = err.kind == "invalid_argument" and EXIT.usage or (err.kind == "config" and EXIT.config or EXIT.network)
+    return h.report_error(c, args, err, code)
+  end
+  local kinds = {}
+  for k, n in pairs(s.failed_by_kind) do kinds[#kinds + 1] = k .. " " .. n end
+  table.sort(kinds)
+  c.err(string.format("%d row(s): %d done (%d replaced, %d reconciled), %d already done, %d failed%s in %.1f s "
+    .. "(%.1f rows/s)\nresults: %s\n%s", s.total, s.done, s.replaced, s.reconciled, s.skipped, s.failed,
+    #kinds > 0 and (" [" .. table.concat(kinds, ", ") .. "]") or "", s.elapsed, s.rate, s.results,
+    s.credentials and ("credentials: " .. s.credentials .. "\n") or ""))
+  if args.json then
+    c.out(out.json({ ok = s.failed == 0, total = s.total, done = s.done, replaced = s.replaced,
+      reconciled = s.reconciled, skipped = s.skipped, failed = s.failed, failed_by_kind = s.failed_by_kind,
+      retries = s.retries, elapsed = s.elapsed, rate = s.rate, results = s.results, journal = s.journal,
+      credentials = s.credentials }, true) .. "\n")
+  end
+  return s.failed == 0 and EXIT.ok or EXIT.refused
+end
+
+return M
