@@ -1,0 +1,151 @@
+-- enos-replace batch: the command a person runs, in-process and as a real process.
+local sim = dofile("spec/sim_helper.lua")
+local cli = require "enos.cli"
+local cjson = require "cjson"
+local H = require "helpers"
+
+local ORG = "o15724268424841"
+local AK, SK = "batch-cli-ak", "batch-cli-secret-key-never-printed"
+local FLAVOUR = type(jit) == "table" and "luajit" or "lua5.4"
+
+describe("enos-replace batch", function()
+  local h, kp, dir
+  setup(function()
+    kp = H.keypair()
+    dir = H.tmpdir()
+    local devices = {}
+    for i = 1, 120 do
+      devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("B%07d"):format(i) }
+    end
+    h = sim.start { config = { apps = { { access_key = AK, secret_key = SK, public_key_file = kp.public_file } },
+      devices = devices, log_size = 5000 } }
+  end)
+  teardown(function()
+    if h then h:stop() end
+    if dir then os.execute("rm -rf " .. dir) end
+  end)
+
+  local function env(extra)
+    local e = { ENOS_ENDPOINT = h.url, ENOS_ACCESS_KEY = AK, ENOS_SECRET_KEY = SK, ENOS_ORG_ID = ORG,
+      ENOS_PRIVATE_KEY_FILE = kp.private_file, HOME = dir, ENOS_CONFIG = dir .. "/none" }
+    for k, v in pairs(extra or {}) do e[k] = v end
+    return e
+  end
+  local function run(argv, opts)
+    opts = opts or {}
+    local o, e = {}, {}
+    local code = cli.main { argv = argv, env = env(), stdout = function(s) o[#o + 1] = s end,
+      stderr = function(s) e[#e + 1] = s end, isatty = opts.isatty or false,
+      stdin = function() return opts.answer end }
+    return code, table.concat(o), table.concat(e)
+  end
+  local function plan(name, first, last)
+    local p = dir .. "/" .. name
+    local f = assert(io.open(p, "w"))
+    f:write("productKey,deviceKey,newDeviceKey,crew\n")
+    for i = first, last do f:write(("pk_demo,OLD-%05d,NEW-%05d,crew-%d\n"):format(i, i, i)) end
+    f:close()
+    return p
+  end
+
+  it("--check lists every error with its line and exits 2, sending nothing", function()
+    local p = dir .. "/bad.csv"
+    H.writefile(p, "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,NEW-00001\npk_demo,OLD-00002,NEW-00001\n"
+      .. "pk_demo,OLD-00003,no\n")
+    local before = #h:log()
+    local code, _, err = run { "batch", p, "--check" }
+    assert.equal(2, code)
+    assert.matches("bad.csv:3: newDeviceKey NEW%-00001 is also the new key of line 2", err)
+    assert.matches("bad.csv:4: newDeviceKey must be", err)
+    assert.equal(before, #h:log())
+    code = run { "batch", p, "--yes", "--out", dir .. "/x.csv" }
+    assert.equal(2, code)
+    assert.equal(before, #h:log())
+  end)
+
+  it("--check on a good plan says so", function()
+    local code, _, err = run { "batch", plan("good.csv", 1, 3), "--check" }
+    assert.equal(0, code)
+    assert.matches("3 row%(s%), no errors", err)
+  end)
+
+  it("refuses without a terminal and without --yes, and without a place for the secrets", function()
+    local p = plan("p1.csv", 1, 2)
+    local code, _, err = run { "batch", p, "--out", dir .. "/c1.csv" }
+    assert.equal(2, code)
+    assert.matches("confirmation", err)
+    code, _, err = run { "batch", p, "--yes" }
+    assert.equal(2, code)
+    assert.matches("%-%-out", err)
+  end)
+
+  it("asks on a terminal and does nothing when not confirmed", function()
+    local before = #h:log()
+    local code, _, err = run({ "batch", plan("p2.csv", 4, 5), "--out", dir .. "/c2.csv" }, { isatty = true, answer = "n" })
+    assert.equal(1, code)
+    assert.matches("About to replace 2 device", err)
+    assert.equal(before, #h:log())
+  end)
+
+  it("runs a plan: summary, JSON, credentials 0600 with extra columns, no secret on the terminal", function()
+    local creds = dir .. "/c3.csv"
+    local code, out, err = run { "batch", plan("p3.csv", 6, 25), "--out", creds, "--yes", "--json", "--concurrency", "4" }
+    assert.equal(0, code, err)
+    local s = cjson.decode(out)
+    assert.equal(20, s.done)
+    assert.equal(0, s.failed)
+    assert.matches("20 row%(s%): 20 done", err)
+    assert.equal("600", (H.sh("stat -c %a " .. creds):gsub("%s+", "")))
+    local text = H.readfile(creds)
+    assert.matches("^line,assetId,productKey,deviceKey,deviceSecret,encryptedSecret,sessionKey,outcome,crew\n", text)
+    assert.matches(",crew%-6\n", text)
+    local _, list = h:admin("GET", "/devices")
+    for _, d in ipairs(list.data) do
+      assert.falsy((out .. err):find(d.deviceSecret, 1, true))
+    end
+    assert.falsy((out .. err):find(SK, 1, true))
+  end)
+
+  it("a real process killed with -9 mid-run, then --resume: every row done once", function()
+    local p = plan("p4.csv", 30, 120)
+    local creds, journal = dir .. "/c4.csv", dir .. "/j4"
+    h:admin("POST", "/faults", { latency_ms = 100, match = "replaceDevice" })
+    local cmd = ("cd %s && ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=%s ENOS_SECRET_KEY=%s ENOS_ORG_ID=%s "
+      .. "ENOS_PRIVATE_KEY_FILE=%s ENOS_CONFIG=/nonexistent ENOS_TIMEOUT=2 %s bin/enos-replace batch %s --out %s "
+      .. "--journal %s --yes --concurrency 8"):format(sim.root, h.url, AK, SK, ORG, kp.private_file, FLAVOUR, p, creds,
+      journal)
+    local pid = H.sh("sh -c '" .. cmd .. " >" .. dir .. "/run.log 2>&1 & echo $!'"):gsub("%s+", "")
+    for _ = 1, 200 do
+      local f = io.open(journal)
+      local n = 0
+      if f then for _ in f:lines() do n = n + 1 end f:close() end
+      if n >= 40 then break end
+      os.execute("sleep 0.05")
+    end
+    os.execute("kill -9 " .. pid)
+    h:admin("DELETE", "/faults")
+    local code, out, err = run { "batch", p, "--out", creds, "--journal", journal, "--resume", "--yes", "--json" }
+    assert.equal(0, code, err)
+    local s = cjson.decode(out)
+    assert.is_true(s.skipped > 0)
+    assert.equal(91, s.done + s.skipped)
+    local _, list = h:admin("GET", "/devices")
+    local by = {}
+    for _, d in ipairs(list.data) do by[d.assetId] = d end
+    local seen = {}
+    local first = true
+    for line in io.lines(creds) do
+      if first then first = false else
+        local cells = require("enos.plan").split_csv(line)
+        assert.is_nil(seen[cells[2]], "written twice: " .. cells[2])
+        seen[cells[2]] = true
+        assert.equal(by[cells[2]].deviceSecret, cells[5])
+      end
+    end
+    for i = 30, 120 do
+      local d = by[("B%07d"):format(i)]
+      assert.equal(("NEW-%05d"):format(i), d.deviceKey)
+      assert.is_true(seen[d.assetId], "no credentials for " .. d.assetId)
+    end
+  end)
+end)
