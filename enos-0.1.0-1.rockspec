@@ -15,8 +15,9 @@ transports; enos is the Lua API on top (enos.client, enos.replace_device, ...).
   license = "MIT",
   labels = { "enos", "iot", "envision", "libcurl", "openssl" },
 }
--- lua-cjson is needed at run time; it comes from the system (Debian's
--- lua-cjson), which LuaRocks cannot see, so it is not listed here.
+-- lua-cjson and lua-argparse (for the commands) are needed at run time; they come
+-- from the system (Debian's lua-cjson, lua-argparse), which LuaRocks cannot see
+-- offline, so they are not listed here.
 dependencies = {
   "lua >= 5.1, < 5.5",
 }
@@ -37,5 +38,8 @@ build = {
       defines = { "_POSIX_C_SOURCE=200809L" },
       libdirs = { "$(CURL_LIBDIR)", "$(OPENSSL_LIBDIR)" },
     },
+  },
+  install = {
+    bin = { ["enos-replace"] = "bin/enos-replace", ["enos-sim"] = "bin/enos-sim" },
   },
 }

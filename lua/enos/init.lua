@@ -83,4 +83,14 @@ function enos.replace_device(opts) return one_shot("replace_device", opts) end
 --- One-shot Get Device with options from the table and the environment.
 function enos.get_device(opts) return one_shot("get_device", opts) end
 
+-- Higher layers load on first use, so `require "enos"` stays light.
+local LAZY = { workflow = "enos.workflow", batch = "enos.batch", scheduler = "enos.scheduler", plan = "enos.plan" }
+setmetatable(enos, { __index = function(t, k)
+  local name = LAZY[k]
+  if not name then return nil end
+  local m = require(name)
+  rawset(t, k, m)
+  return m
+end })
+
 return enos
