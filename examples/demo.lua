@@ -66,11 +66,21 @@ local function main()
   local before = assert(client:get_device { productKey = "pk_demo", deviceKey = "INV-2231-A" })
   ok(("%s  key %s  status %s"):format(before.assetId, before.deviceKey, before.status))
 
-  step("Replacing the device: INV-2231-A → INV-2231-B, requireSecret")
-  local r, rerr = client:replace_device { assetId = before.assetId, newDeviceKey = "INV-2231-B", requireSecret = true }
-  if not r then error(tostring(rerr), 0) end
-  if r.err then error("the new secret did not decrypt: " .. tostring(r.err), 0) end
-  ok("replaced (request " .. tostring(r.requestId) .. ")")
+  step("Replacing it with the CLI: enos-replace device --asset-id " .. before.assetId .. " --new-key INV-2231-B")
+  local record_file = workdir .. "/INV-2231-B.json"
+  local env = ("ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=demo-access-key ENOS_SECRET_KEY=demo-secret-key-0123456789 "
+    .. "ENOS_ORG_ID=%s ENOS_PRIVATE_KEY_FILE=%s ENOS_CA_FILE=%s ENOS_CONFIG=/nonexistent")
+    :format(info.url, info.config.orgs[1], priv, info.ca_file)
+  local p = assert(io.popen(("%s %s/bin/enos-replace device --asset-id %s --new-key INV-2231-B --out %s --yes 2>&1")
+    :format(env, here, before.assetId, record_file)))
+  local cli_out = p:read("*a")
+  local cli_ok = p:close()
+  io.write((cli_out:gsub("[^\n]+", "    %0")))
+  if not cli_ok then error("enos-replace failed", 0) end
+  local f = assert(io.open(record_file, "rb"))
+  local r = cjson.decode(f:read("*a"))
+  f:close()
+  ok("provisioning record written to " .. record_file .. " (mode 0600)")
 
   step("Verifying on the platform")
   local after = assert(client:get_device { assetId = before.assetId })
