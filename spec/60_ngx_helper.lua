@@ -24,7 +24,8 @@ function M.example_conf(opts)
   local conf = H.readfile(root .. "/examples/nginx/nginx.conf")
   conf = replace_once(conf, "worker_processes auto;", ("worker_processes %d;"):format(opts.workers or 1))
   conf = replace_once(conf, "listen 127.0.0.1:8080;", ("listen 127.0.0.1:%d;"):format(opts.port))
-  conf = replace_once(conf, "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;/etc/enos/lua/?.lua;;",
+  conf = replace_once(conf,
+    "/usr/local/share/lua/5.1/?.lua;/usr/local/share/lua/5.1/?/init.lua;/etc/enos/lua/?.lua;;",
     ("%s/lua/?.lua;%s/lua/?/init.lua;%s/examples/nginx/?.lua;;"):format(root, root, root))
   conf = replace_once(conf, "/usr/local/lib/lua/5.1/?.so;;", root .. "/build/luajit/?.so;;")
   conf = replace_once(conf, "/etc/ssl/certs/ca-certificates.crt", opts.ca_file or "/etc/ssl/certs/ca-certificates.crt")
@@ -84,7 +85,9 @@ function M.start_example(s, opts)
   local conf = M.example_conf { port = port, ca_file = s.ca_file, workers = opts.workers,
     worker_connections = opts.worker_connections }
   local env = {
-    ENOS_ENDPOINT = (s.url:gsub("//127%.0%.0%.1:", "//localhost:")), ENOS_ACCESS_KEY = s.app.access_key, ENOS_ORG_ID = opts.org_id or "o15724268424841",
+    -- nginx checks certificates against host names only: the simulator's has DNS:localhost
+    ENOS_ENDPOINT = (s.url:gsub("//127%.0%.0%.1:", "//localhost:")),
+    ENOS_ACCESS_KEY = s.app.access_key, ENOS_ORG_ID = opts.org_id or "o15724268424841",
     ENOS_SECRET_KEY_FILE = opts.secret_key_file, ENOS_PRIVATE_KEY_FILE = opts.private_key_file,
     ENOS_CA_FILE = s.ca_file,
   }

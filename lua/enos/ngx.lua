@@ -12,6 +12,7 @@
 -- `lua_shared_dict`, shared by every worker, and only one worker at a time fetches or refreshes it
 -- (the others wait for its result). Nothing is fetched when a module is required or a client created.
 -- @module enos.ngx
+-- luacheck: globals ngx
 local client_mod = require "enos.client"
 local errors = require "enos.errors"
 local tngx = require "enos.transport.ngx"
@@ -94,7 +95,7 @@ function M.token_cache(dict_name, opts)
   }, Cache)
 end
 
-function Cache:_now(client)
+local function now_ms(client)
   return (client.clock or function() return ngx.now() * 1000 end)()
 end
 
@@ -111,7 +112,7 @@ function Cache:get(client)
   self.stats.gets = self.stats.gets + 1
   local key = key_of(client)
   local tok = decode(self.dict:get(key))
-  if tok and fresh_enough(tok, self:_now(client)) then
+  if tok and fresh_enough(tok, now_ms(client)) then
     self.stats.hits = self.stats.hits + 1
     return tok
   end
@@ -134,7 +135,7 @@ function Cache:get(client)
   while ngx.now() < deadline do
     ngx.sleep(self.wait_step)
     local t = decode(self.dict:get(key))
-    if t and fresh_enough(t, self:_now(client)) then return t end
+    if t and fresh_enough(t, now_ms(client)) then return t end
     if not self.dict:get(lk) then return t end
   end
   return decode(self.dict:get(key))
@@ -146,7 +147,7 @@ function Cache:set(client, tok)
   if tok == nil then
     self.dict:delete(key)
   else
-    local ttl_s = (tok.expires_at - self:_now(client)) / 1000
+    local ttl_s = (tok.expires_at - now_ms(client)) / 1000
     if ttl_s > 0 then
       local ok, e = self.dict:set(key, string.format("%d|%d|%s", tok.expires_at, tok.ttl or 7200, tok.value), ttl_s)
       if not ok then ngx.log(ngx.WARN, "enos: cannot store the token in lua_shared_dict ", self.name, ": ", e) end

@@ -139,9 +139,8 @@ local function build_request(self, req, u)
       return nil, err("config", "header '" .. k:gsub("[%c]", "?") .. "' has a bad name or a line break in its value")
     end
     local lk = k:lower()
-    if lk == "host" or lk == "content-length" or lk == "connection" or lk == "transfer-encoding" then
-      -- framing headers are ours
-    else
+    -- framing headers (host, content-length, connection, transfer-encoding) are ours
+    if lk ~= "host" and lk ~= "content-length" and lk ~= "connection" and lk ~= "transfer-encoding" then
       if lk == "user-agent" then have_ua = true elseif lk == "accept" then have_accept = true end
       lines[#lines + 1] = k .. ": " .. v
     end
@@ -170,7 +169,7 @@ local function read_head(sock, deadline)
     local mi, st = line:match("^HTTP/1%.(%d) (%d%d%d)")
     if not st then return nil, "bad status line", true, true end
     status, minor = tonumber(st), tonumber(mi)
-    headers = {}
+    for k in pairs(headers) do headers[k] = nil end
     while true do
       sock:settimeout(math.max(remaining(deadline), 1))
       local h, he = sock:receive("*l")
@@ -251,7 +250,7 @@ local function read_body(self, sock, deadline, headers, status, method)
 end
 
 -- One attempt on one connection. Returns res | nil, err, retry_on_fresh.
-function Transport:_attempt(req, u, wire, method, deadline, fresh)
+function Transport:_attempt(u, wire, method, deadline, fresh)
   local sock = ngx.socket.tcp()
   local pool = (u.tls and "enos:https:" or "enos:http:") .. u.host .. ":" .. u.port
   if u.tls and not self.verify_tls then pool = pool .. ":noverify" end
@@ -336,9 +335,9 @@ function Transport:send(req)
   local deadline = ngx.now() + timeout
   self.stats.requests = self.stats.requests + 1
   local fresh = req.fresh_connect and true or false
-  local res, e, retry = self:_attempt(req, u, wire, method, deadline, fresh)
+  local res, e, retry = self:_attempt(u, wire, method, deadline, fresh)
   if not res and retry and not fresh and remaining(deadline) > 0 then
-    res, e = self:_attempt(req, u, wire, method, deadline, true)
+    res, e = self:_attempt(u, wire, method, deadline, true)
   end
   return res, e
 end
@@ -361,7 +360,7 @@ function Transport:wait_for(pred, max_s)
 end
 
 --- Nothing to release: idle connections belong to nginx's pool.
-function Transport:close() end
+function Transport.close() end
 
 --- The transport for enos.client's automatic choice.
 -- @return transport (inside nginx, in a cosocket phase) | nil, err (inside nginx, in a phase without
