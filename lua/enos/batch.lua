@@ -30,7 +30,14 @@ M.DEFAULTS = {
 -- CSV cell: quoted when needed; a leading = + - @ that would make a
 -- spreadsheet evaluate it is neutralised with a quote mark.
 local function csv_cell(v)
-  v = v == nil and "" or tostring(v)
+  if v == nil then return "" end
+  v = tostring(v)
+  local first = v:byte(1)
+  -- the common case (a key, a secret, a number) needs neither quoting nor neutralising
+  if first and first ~= 61 and first ~= 43 and first ~= 64 and first ~= 45 and first > 13
+    and not v:find('[,"\r\n]') then
+    return v
+  end
   if v:match("^[=+@\t\r]") or (v:match("^%-") and not v:match("^%-[%w_.%-]*$")) then v = "'" .. v end
   if v:find('[,"\r\n]') then v = '"' .. v:gsub('"', '""') .. '"' end
   return v

@@ -354,7 +354,7 @@ function Client:_interpret(res)
     return nil, errors.new("protocol", "reply is not the EnOS envelope: " .. errors.trim(errors.scrub(res.body, secrets), 120),
       { status = res.status })
   end
-  json.strip_null(doc)
+  json.strip_null(doc, type(doc.data) == "table" and doc.data[1] ~= nil and 3 or 2)
   if doc.code ~= 0 then
     local e = errors.from_code(doc.code, errors.scrub(doc.msg, secrets), doc.requestId)
     e.status = res.status

@@ -42,11 +42,16 @@ function M.encode_object(t, order)
   return "{" .. table.concat(out, ",") .. "}"
 end
 
---- Replaces cjson.null values by nil, recursively.
-function M.strip_null(v)
+--- Replaces cjson.null values by nil, `depth` levels deep (default 2: an
+-- envelope and its data; deeper nulls, e.g. inside deviceAttributes, stay).
+function M.strip_null(v, depth)
   if v == cjson.null then return nil end
-  if type(v) == "table" then
-    for k, x in pairs(v) do v[k] = M.strip_null(x) end
+  depth = depth or 2
+  if type(v) == "table" and depth > 0 then
+    for k, x in pairs(v) do
+      if x == cjson.null then v[k] = nil
+      elseif type(x) == "table" and depth > 1 then M.strip_null(x, depth - 1) end
+    end
   end
   return v
 end

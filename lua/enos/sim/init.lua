@@ -299,6 +299,8 @@ function M.generate(opts)
     CONFIG_FILE = cfg_file,
     PORT = port,
     LISTEN_SSL = certs and " ssl" or "",
+    -- device state; about 1 KiB a device: raise it (config state_dict_mb) for large fleets
+    STATE_DICT = string.format("%dm", math.floor(tonumber(cfg.state_dict_mb) or 64)),
     SSL_LINES = ssl_lines,
   })
   write_file(prefix .. "/conf/nginx.conf", text)

@@ -1,0 +1,45 @@
+-- One enos batch run for the benchmark; prints a JSON line (elapsed, cpu, rows/s, peak RSS).
+-- usage: batch_bench.lua URL AK SK ORG ROWS CONCURRENCY FIRST KEYFILE|- [check-only]
+local here = arg[0]:match("^(.*)/bench/[^/]*$") or "."
+package.path = here .. "/lua/?.lua;" .. here .. "/lua/?/init.lua;" .. package.path
+package.cpath = here .. "/build/" .. (type(jit) == "table" and "luajit" or "lua5.4") .. "/?.so;" .. package.cpath
+local enos = require "enos"
+local batch = require "enos.batch"
+local core = require "enos.core"
+local cjson = require "cjson"
+
+local url, ak, sk, org, rows, conc, first, keyfile, mode = arg[1], arg[2], arg[3], arg[4], tonumber(arg[5]),
+  tonumber(arg[6]), tonumber(arg[7]), arg[8], arg[9]
+local dir = os.tmpname()
+os.remove(dir)
+os.execute("mkdir -p " .. dir)
+local plan = dir .. "/plan.csv"
+local f = assert(io.open(plan, "w"))
+f:write("productKey,deviceKey,newDeviceKey\n")
+for i = first, first + rows - 1 do f:write(("pk_demo,OLD-%07d,NEW-%07d\n"):format(i, i)) end
+f:close()
+
+local function vmhwm()
+  for line in io.lines("/proc/self/status") do
+    local kb = line:match("^VmHWM:%s+(%d+)")
+    if kb then return tonumber(kb) end
+  end
+end
+
+local c = assert(enos.client { endpoint = url, access_key = ak, secret_key = sk, org_id = org,
+  private_key_file = keyfile ~= "-" and keyfile or nil, timeout = 30 })
+local t0, cpu0 = core.monotonic_ms(), os.clock()
+local s, err
+if mode == "check" then
+  s, err = batch.check(plan)
+  s.done, s.failed = s.rows, s.error_count
+else
+  s, err = batch.run(c, plan, { concurrency = conc, journal = dir .. "/journal", out = dir .. "/creds.csv",
+    require_secret = keyfile ~= "-" })
+end
+local elapsed = (core.monotonic_ms() - t0) / 1000
+local cpu = os.clock() - cpu0
+if not s then io.stderr:write(tostring(err), "\n") os.exit(1) end
+print(cjson.encode { rows = rows, done = s.done, failed = s.failed, elapsed_s = elapsed, cpu_s = cpu,
+  rate = s.done / elapsed, maxrss_kb = vmhwm(), fsyncs = s.fsyncs })
+os.execute("rm -rf " .. dir)
