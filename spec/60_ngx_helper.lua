@@ -45,10 +45,16 @@ local function wait_up(url)
   return false
 end
 
--- Starts nginx with config text `conf` and environment `env` (map). Returns {url, prefix, port, stop, log}.
-function M.start_nginx(conf, port, env, probe)
+--- A fresh prefix directory (mode 755: workers run as nobody when the spec runs as root).
+function M.prefix()
   local prefix = H.tmpdir()
   H.sh("mkdir -p " .. prefix .. "/logs && chmod 755 " .. prefix)
+  return prefix
+end
+
+-- Starts nginx with config text `conf` and environment `env` (map). Returns {url, prefix, port, stop, log}.
+function M.start_nginx(conf, port, env, probe, prefix)
+  prefix = prefix or M.prefix()
   H.writefile(prefix .. "/nginx.conf", conf)
   local vars = {}
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. q(v) end
@@ -82,17 +88,21 @@ end
 function M.start_example(s, opts)
   opts = opts or {}
   local port = H.free_port()
-  local conf = M.example_conf { port = port, ca_file = s.ca_file, workers = opts.workers,
+  -- the simulator's prefix is private; workers (the libcurl transport reads its CA file per request) are not root
+  local prefix = M.prefix()
+  local ca = prefix .. "/ca.pem"
+  H.sh(("cp %s %s && chmod 644 %s"):format(q(s.ca_file), q(ca), q(ca)))
+  local conf = M.example_conf { port = port, ca_file = ca, workers = opts.workers,
     worker_connections = opts.worker_connections }
   local env = {
     -- nginx checks certificates against host names only: the simulator's has DNS:localhost
     ENOS_ENDPOINT = (s.url:gsub("//127%.0%.0%.1:", "//localhost:")),
     ENOS_ACCESS_KEY = s.app.access_key, ENOS_ORG_ID = opts.org_id or "o15724268424841",
     ENOS_SECRET_KEY_FILE = opts.secret_key_file, ENOS_PRIVATE_KEY_FILE = opts.private_key_file,
-    ENOS_CA_FILE = s.ca_file,
+    ENOS_CA_FILE = ca,
   }
   for k, v in pairs(opts.env or {}) do env[k] = v ~= false and v or nil end
-  return M.start_nginx(conf, port, env)
+  return M.start_nginx(conf, port, env, nil, prefix)
 end
 
 --- A bare nginx (1 worker) serving `server_body` (nginx config text inside server {}), with `http_extra`
