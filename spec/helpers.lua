@@ -37,7 +37,7 @@ function H.keypair(bits)
   local dir = H.tmpdir()
   local priv, pub = dir .. "/app_private.pem", dir .. "/app_public.pem"
   H.sh(("openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:%d -out %s"):format(bits, priv))
-  H.sh(("openssl pkey -in %s -pubout -out %s"):format(priv, pub))
+  H.sh(("openssl pkey -in %s -pubout -out %s && chmod 600 %s"):format(priv, pub, priv))
   keys[bits] = { dir = dir, private_file = priv, public_file = pub, private_pem = H.readfile(priv) }
   return keys[bits]
 end

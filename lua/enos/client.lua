@@ -15,7 +15,7 @@ M.OPTIONS = {
   timeout = "number", connect_timeout = "number", cafile = "string", capath = "string",
   verify_tls = "boolean", user_agent = "string", transport = "any", clock = "function",
   allow_insecure_http = "boolean", secret_scheme = "any", max_body = "number",
-  token_cache = "any",
+  token_cache = "any", warn = "function",
 }
 
 local TOKEN_GET = "/apim-token-service/v2.0/token/get"
@@ -112,8 +112,9 @@ function M.new(opts)
     _last_ts = 0,
     _token_cache = opts.token_cache,
   }, Client)
+  local warn = opts.warn or function(msg) io.stderr:write("enos: WARNING: ", msg, "\n") end
   if opts.verify_tls == false then
-    io.stderr:write("enos: WARNING: TLS certificate verification is OFF (verify_tls = false)\n")
+    warn("TLS certificate verification is OFF (verify_tls = false): anyone on the path can read the secrets")
   end
   local scheme
   scheme, err = secret.resolve(opts.secret_scheme)
@@ -125,6 +126,11 @@ function M.new(opts)
   if opts.private_key_file then
     self._key, err = secret.load_private_key { file = opts.private_key_file }
     if not self._key then err.field = "private_key_file"; return nil, err end
+    local mode = core.file_mode(opts.private_key_file)
+    if mode and mode % 64 ~= 0 then
+      warn(string.format("private key file %s is readable by group or others (mode %o): chmod 600 it",
+        opts.private_key_file, mode))
+    end
   elseif core.is_key(opts.private_key) then
     self._key = opts.private_key
   elseif opts.private_key ~= nil then
