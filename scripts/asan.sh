@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# make asan: enos.core built with clang AddressSanitizer + UndefinedBehaviorSanitizer
+# (build/asan/enos/core.so) and the spec suite run by one lua5.4 process with the
+# ASan runtime preloaded. Leak checking is on (the state is closed at exit, so
+# every __gc has run). Exits non-zero on any failed spec or any sanitizer report.
+#   scripts/asan.sh            whole suite
+#   scripts/asan.sh --quick    the C-level specs (spec/1*_spec.lua, spec/20_client_sim_spec.lua)
+#   SPECS="spec/11_secret_spec.lua" scripts/asan.sh   any list of spec files
+set -u
+cd "$(dirname "$0")/.."
+
+QUICK=0
+[ "${1:-}" = "--quick" ] && QUICK=1
+if [ -n "${SPECS:-}" ]; then
+  specs=($SPECS)
+elif [ $QUICK = 1 ]; then
+  specs=(spec/1*_spec.lua spec/20_client_sim_spec.lua)
+else
+  specs=(spec)
+fi
+
+CC=${ASAN_CC:-clang}
+OUT=build/asan
+LOGDIR=$OUT/logs
+mkdir -p "$OUT/enos" "$LOGDIR"
+rm -f "$LOGDIR"/asan.* "$LOGDIR"/ubsan.*
+
+WARN="-Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wpointer-arith -Wcast-qual
+      -Wwrite-strings -Wformat=2 -Wundef -Wconversion -Wno-sign-conversion -Werror"
+SAN="-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined"
+LUA_CFLAGS=$(pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+LIBS=$(pkg-config --libs libcurl openssl 2>/dev/null || echo -lcurl -lssl -lcrypto)
+
+# -shared-libasan: the module needs the runtime's symbols; they come from the
+# preloaded libclang_rt.asan (never link liblua into the module).
+$CC -std=c99 -D_POSIX_C_SOURCE=200809L -fPIC $WARN -O1 -g $SAN -shared-libasan $LUA_CFLAGS \
+  -shared -o "$OUT/enos/core.so" src/*.c $LIBS || { echo "asan: build failed"; exit 2; }
+$CC -O1 -fPIC -shared -o "$OUT/unpreload.so" fuzz/unpreload.c || { echo "asan: build failed"; exit 2; }
+
+RT=$($CC -print-file-name=libclang_rt.asan-x86_64.so)
+[ -f "$RT" ] || { echo "asan: $RT missing (apt-get install libclang-rt-14-dev)"; exit 2; }
+
+# Reports go to files (one per process), so they are neither lost in the TAP
+# stream nor confused with a spec's own output. LSan suppressions: see the file.
+export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:halt_on_error=1:exitcode=86:log_path=$PWD/$LOGDIR/asan:detect_stack_use_after_return=1:check_initialization_order=1:strict_init_order=1:detect_invalid_pointer_pairs=0"
+export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1:log_path=$PWD/$LOGDIR/ubsan"
+export LSAN_OPTIONS="suppressions=$PWD/fuzz/lsan.supp:print_suppressions=0"
+export ASAN_SYMBOLIZER_PATH=${ASAN_SYMBOLIZER_PATH:-$(command -v llvm-symbolizer || true)}
+
+BUSTED=$(command -v busted)
+# LD_PRELOAD only for this process: unpreload.so drops it before busted starts children.
+LD_PRELOAD="$RT $PWD/$OUT/unpreload.so" \
+  lua5.4 "$BUSTED" --cpath="$OUT/?.so" -o TAP "${specs[@]}" > "$OUT/busted.tap" 2>&1
+rc=$?
+
+passed=$(grep -c '^ok ' "$OUT/busted.tap" || true)
+failed=$(grep -c '^not ok ' "$OUT/busted.tap" || true)
+reports=$(cat "$LOGDIR"/asan.* "$LOGDIR"/ubsan.* 2>/dev/null |
+          grep -cE '^(==[0-9]+==ERROR|SUMMARY: (Address|Undefined|Leak)Sanitizer)|runtime error:' || true)
+if [ "$reports" -gt 0 ]; then
+  for f in "$LOGDIR"/asan.* "$LOGDIR"/ubsan.*; do [ -f "$f" ] && { echo "--- $f"; head -n 80 "$f"; }; done
+fi
+grep -A6 '^not ok' "$OUT/busted.tap" | head -n 60
+if [ $rc -ne 0 ] && [ "$failed" -eq 0 ] && [ "$reports" -eq 0 ]; then
+  echo "busted exited $rc with no failed spec and no report; tail of $OUT/busted.tap:"; tail -n 20 "$OUT/busted.tap"
+  failed=1
+fi
+echo "asan: $passed specs passed, $failed failed, $reports sanitizer reports ($([ $QUICK = 1 ] && echo quick || echo full))"
+[ "$rc" -eq 0 ] && [ "$failed" -eq 0 ] && [ "$reports" -eq 0 ]
