@@ -195,21 +195,22 @@ function M.run(client, plan, opts)
   -- 2. Files: journal (required for durability), credentials, results.
   local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
   if not jpath then return nil, errors.arg("journal", "a journal path is required") end
-  local journal, jstate = journal_mod.open(jpath, { resume = o.resume })
-  if not journal then return nil, errors.new("config", tostring(jstate)) end
-  if not o.resume or journal.state.records == 0 then
-    journal:append { t = "batch", plan = type(plan) == "string" and plan or "(iterator)", rows = chk.rows,
-      version = core._VERSION }
-  end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
 
   local cred, results
-  local present = {}
+  local present = {}          -- new keys already in the credentials file (filled on resume only)
   local cred_format = format_of(o.out, o.format)
+  if o.out and o.resume then present = keys_in(o.out, cred_format) end
+  local journal, jstate = journal_mod.open(jpath, { resume = o.resume,
+    keep_encrypted = function(rec) return o.out ~= nil and not present[rec.newDeviceKey] end })
+  if not journal then return nil, errors.new("config", tostring(jstate)) end
+  if not o.resume or journal.state.records == 0 then
+    journal:append { t = "batch", plan = type(plan) == "string" and plan or "(iterator)", rows = chk.rows,
+      version = core._VERSION }
+  end
   if o.out then
-    if o.resume then present = keys_in(o.out, cred_format) end
     local cols = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret", "sessionKey",
       "outcome" }
     for _, x in ipairs(chk.extra_columns or {}) do cols[#cols + 1] = x end
@@ -323,7 +324,6 @@ function M.run(client, plan, opts)
     rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
     if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
     cred:add(rec)
-    present[new.deviceKey] = true
   end
 
   local function result(row, outcome, assetId, e)

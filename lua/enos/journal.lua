@@ -10,9 +10,13 @@ local M = {}
 local J = {}
 J.__index = J
 
---- Reads a journal: returns {by_key = {key → last record}, header = first record, records = n} | nil, err.
--- A torn last line (the process died mid-write) is ignored.
-function M.read(path)
+-- The fields of a record that a resume needs (the rest is history).
+local KEEP = { "state", "assetId", "productKey", "newDeviceKey", "ts", "timeout", "outcome" }
+
+--- Reads a journal: returns {by_key = {key → last record (compact)}, header = first record, records = n} | nil, err.
+-- A torn last line (the process died mid-write) is ignored. `keep_encrypted(rec)` says whether a done
+-- record's encrypted secret pair must be kept (by default: always).
+function M.read(path, keep_encrypted)
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
   local out = { by_key = {}, records = 0 }
@@ -31,7 +35,12 @@ function M.read(path)
       else
         out.records = out.records + 1
         if rec.t == "batch" then out.header = out.header or rec
-        elseif rec.key then out.by_key[rec.key] = rec end
+        elseif rec.key then
+          local c = {}
+          for _, k in ipairs(KEEP) do c[k] = rec[k] end
+          if rec.encrypted and (not keep_encrypted or keep_encrypted(rec)) then c.encrypted = rec.encrypted end
+          out.by_key[rec.key] = c
+        end
       end
     end
   end
@@ -50,7 +59,7 @@ function M.open(path, opts)
     if not opts.resume then
       return nil, "journal " .. path .. " already exists: use --resume to continue that batch, or another --journal"
     end
-    local st, err = M.read(path)
+    local st, err = M.read(path, opts.keep_encrypted)
     if not st then return nil, err end
     state = st
   end
@@ -68,7 +77,6 @@ function J:append(rec)
   rec.ts = rec.ts or math.floor(core.now_ms())
   self.seq = self.seq + 1
   self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
-  if rec.key then self.state.by_key[rec.key] = rec end
   return self.seq
 end
 
