@@ -16,8 +16,8 @@ cc -O2 -Wall -Wextra -o "$OUT/floor" bench/floor.c -lcurl -lcrypto
 openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/app.pem" 2>/dev/null
 openssl pkey -in "$OUT/app.pem" -pubout -out "$OUT/app.pub"
 
-max_mem=0; for m in $MEM_ROWS; do [ "$m" -gt "$max_mem" ] && max_mem=$m; done
-TOTAL=$((ROWS * 4 + CURL_ROWS + max_mem + 10))
+sum_mem=0; for m in $MEM_ROWS; do sum_mem=$((sum_mem + m)); done
+TOTAL=$((ROWS * 4 + CURL_ROWS + sum_mem + 10))     # every run replaces its own range
 lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))

@@ -192,6 +192,8 @@ function M.run(client, plan, opts)
     return nil, e
   end
 
+  collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
+
   -- 2. Files: journal (required for durability), credentials, results.
   local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
   if not jpath then return nil, errors.arg("journal", "a journal path is required") end

@@ -9,6 +9,46 @@ local M = {}
 local KNOWN = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true, orgId = true }
 M.KNOWN = KNOWN
 
+M.MAX_EXTRA = 1024    -- bytes in a carried-through (extra) cell
+
+--- True when s is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+local function valid_utf8(s)
+  if not s:find("[\128-\255]") then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, min
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len, min = 2, 0x80
+    elseif c >= 0xE0 and c <= 0xEF then len, min = 3, 0x800
+    elseif c >= 0xF0 and c <= 0xF4 then len, min = 4, 0x10000
+    else return false end
+    if len > 1 then
+      local cp = c % (2 ^ (7 - len))
+      for j = i + 1, i + len - 1 do
+        local b = s:byte(j)
+        if not b or b < 0x80 or b > 0xBF then return false end
+        cp = cp * 64 + b % 64
+      end
+      if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+M.valid_utf8 = valid_utf8
+
+-- A carried-through value: a scalar, short, printable, UTF-8. Returns nil | message.
+local function check_extra(name, v)
+  local t = type(v)
+  if t == "number" or t == "boolean" then return nil end
+  if t ~= "string" then return ("column %s must be a string, a number or a boolean"):format(name) end
+  if #v > M.MAX_EXTRA then return ("column %s is longer than %d bytes"):format(name, M.MAX_EXTRA) end
+  if v:find("[%z\1-\31\127]") then return ("column %s contains control characters"):format(name) end
+  if not valid_utf8(v) then return ("column %s is not valid UTF-8"):format(name) end
+  return nil
+end
+
 -- Splits one CSV record (RFC 4180: quotes, doubled quotes). Returns fields |
 -- nil, message. `more` reads the next physical line for a quoted line break.
 local function split_csv(line, more)
@@ -99,12 +139,17 @@ function M.Reader:rows()
         local start = lineno
         if self.format == "jsonl" then
           local doc, jerr = json.decode(line)
-          if type(doc) ~= "table" then
+          if type(doc) ~= "table" or doc[1] ~= nil then
             return false, { line = start, message = "not a JSON object: " .. tostring(jerr or "") }
           end
           local fields, extra = {}, {}
           for k, v in pairs(doc) do
-            if KNOWN[k] then fields[k] = v else extra[k] = v end
+            if KNOWN[k] then fields[k] = v
+            else
+              local bad = type(k) ~= "string" and "a field name that is not a string" or check_extra(k, v)
+              if bad then return false, { line = start, message = bad } end
+              extra[k] = v
+            end
           end
           return { line = start, fields = fields, extra = extra }
         end
@@ -129,7 +174,12 @@ function M.Reader:rows()
           for i, name in ipairs(header) do
             local v = trim(cells[i])
             if v ~= "" then
-              if KNOWN[name] then fields[name] = v else extra[name] = v end
+              if KNOWN[name] then fields[name] = v
+              else
+                local bad = check_extra(name, v)
+                if bad then return false, { line = start, message = bad } end
+                extra[name] = v
+              end
             end
           end
           return { line = start, fields = fields, extra = extra, extra_order = header }
@@ -144,9 +194,11 @@ function M.check_row(fields)
   for _, k in ipairs { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" } do
     local v = fields[k]
     if v ~= nil then
-      if type(v) ~= "string" then return nil, k .. " must be a string" end
-      if #v > 64 then return nil, k .. " is longer than 64 characters" end
-      if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters" end
+      if type(v) ~= "string" then return nil, k .. " must be a string", k end
+      if v == "" then return nil, k .. " must not be empty", k end
+      if #v > 64 then return nil, k .. " is longer than 64 characters", k end
+      if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters", k end
+      if not valid_utf8(v) then return nil, k .. " is not valid UTF-8", k end
     end
   end
   if fields.assetId and (fields.productKey or fields.deviceKey) then
@@ -182,7 +234,8 @@ function M.check(path, format, max_errors)
   local reader, err = M.open(path, format)
   if not reader then return nil, err end
   local out = { rows = 0, errors = {}, format = reader.format }
-  local targets, newkeys, oldkeys = {}, {}, {}
+  -- two sets for the whole plan (memory is what a 100,000-row plan costs): targets and new keys
+  local targets, newkeys = {}, {}
   local function add(line, message)
     if #out.errors < max_errors then out.errors[#out.errors + 1] = { line = line, message = message } end
     out.error_count = (out.error_count or 0) + 1
@@ -207,10 +260,11 @@ function M.check(path, format, max_errors)
             add(row.line, "deviceKey " .. t.deviceKey .. " is the new key of line " .. newkeys[t.deviceKey]
               .. " (chained renames are not supported in one batch)")
           end
-          oldkeys[t.deviceKey] = oldkeys[t.deviceKey] or row.line
         end
-        if oldkeys[nk] and oldkeys[nk] ~= row.line then
-          add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. oldkeys[nk]
+        -- a new key that an earlier row's device has now (same product: keys are per product)
+        local earlier = t.productKey and targets[M.target_key { productKey = t.productKey, deviceKey = nk, orgId = t.orgId }]
+        if earlier and earlier ~= row.line then
+          add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. earlier
             .. " (chained renames are not supported in one batch)")
         end
       end
