@@ -9,6 +9,9 @@ local errors = require "enos.errors"
 local json = require "enos.json"
 local client_mod = require "enos.client"
 
+-- (enos.plan requires enos.client only, so this does not loop)
+local function plan_utf8(s) return require("enos.plan").valid_utf8(s) end
+
 local M = {}
 
 --- Default options (all may be overridden in `opts`).
@@ -218,6 +221,23 @@ local function check_opts(opts)
   for _, k in ipairs { "sleep", "clock", "confirm", "on_step" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
   end
+  -- a string "no" is truthy: a flag that is not a boolean would do the opposite of what it says
+  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite" } do
+    if o[k] ~= nil and type(o[k]) ~= "boolean" then return nil, errors.arg(k, k .. " must be a boolean") end
+  end
+  if o.record ~= nil then
+    -- checked now: a bad record would otherwise fail after the device changed
+    if type(o.record) ~= "table" then return nil, errors.arg("record", "record must be a table of extra fields") end
+    for k, v in pairs(o.record) do
+      if type(k) ~= "string" or M.RECORD_FIELDS[k] then
+        return nil, errors.arg("record", "record cannot set '" .. tostring(k) .. "'")
+      end
+      local t = type(v)
+      if t ~= "string" and t ~= "number" and t ~= "boolean" then
+        return nil, errors.arg("record", "record field '" .. k .. "' must be a string, a number or a boolean")
+      end
+    end
+  end
   return o
 end
 
@@ -228,6 +248,9 @@ local function check_target(target)
       return nil, errors.arg(tostring(k), "unknown target field '" .. tostring(k) .. "'")
     end
     if type(v) ~= "string" or v == "" then return nil, errors.arg(tostring(k), k .. " must be a non-empty string") end
+    if #v > 64 then return nil, errors.arg(k, k .. " is longer than 64 bytes") end
+    if v:find("[%z\1-\31\127]") then return nil, errors.arg(k, k .. " contains control characters") end
+    if not plan_utf8(v) then return nil, errors.arg(k, k .. " is not valid UTF-8") end
     t[k] = v
   end
   if t.assetId and (t.productKey or t.deviceKey) then
@@ -249,6 +272,8 @@ end
 
 local RECORD_ORDER = { "assetId", "productKey", "deviceKey", "deviceSecret", "encrypted", "orgId", "endpoint",
   "apiVersion", "replacedAt", "outcome", "requestId" }
+M.RECORD_FIELDS = {}
+for _, k in ipairs(RECORD_ORDER) do M.RECORD_FIELDS[k] = true end
 
 --- Builds the provisioning record (with the secret) from a replace result.
 function M.make_record(client, new, extra)
@@ -399,6 +424,15 @@ end
 local function preflight(ctx, client, target)
   local s = ctx:begin("preflight")
   local report, o = ctx.report, ctx.o
+  if o.out then
+    -- before any request: a bad output path is the user's to fix, and nothing need be asked of the platform
+    local ok, werr = M.check_writable(o.out, o.overwrite)
+    if not ok then
+      werr.refused = true
+      ctx:finish(s, "refused", werr.message)
+      return nil, werr
+    end
+  end
   local ident = ident_of(target)
   local dev, err = ctx:read(function() return client:get_device(ident) end)
   if not dev then
@@ -463,14 +497,6 @@ local function preflight(ctx, client, target)
     end
     ctx.subs_before = subs
     report.subdevices = { before = #subs, after = nil, reattached = 0 }
-  end
-  if o.out then
-    local ok, werr = M.check_writable(o.out, o.overwrite)
-    if not ok then
-      werr.refused = true
-      ctx:finish(s, "refused", werr.message)
-      return nil, werr
-    end
   end
   ctx:finish(s, "ok", string.format("%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
     tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or ""))
