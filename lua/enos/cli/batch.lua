@@ -93,6 +93,39 @@ function M.run(c, args, h)
     return EXIT.ok
   end
 
+  -- output files, before anything is created or sent (batch.run would refuse them later, after the journal)
+  do
+    local function exists(path)
+      local f = io.open(path, "rb")
+      if f then f:close() return true end
+      return os.execute("test -e '" .. path:gsub("'", "'\\''") .. "' -o -L '" .. path:gsub("'", "'\\''") .. "'")
+    end
+    local function dir_ok(path)
+      local dir = path:match("^(.*)/[^/]*$") or "."
+      if dir == "" then dir = "/" end
+      local q = "'" .. dir:gsub("'", "'\\''") .. "'"
+      local r = os.execute("test -d " .. q .. " -a -w " .. q)
+      return r == true or r == 0
+    end
+    local journal = args.journal or (args.plan .. ".journal")
+    local results = args.results or (journal:gsub("%.journal$", "") .. ".results.csv")
+    for _, f in ipairs { { "--out", args.out }, { "--journal", journal }, { "--results", results } } do
+      local flag, path = f[1], f[2]
+      if path then
+        local e = exists(path)
+        if path == "" or path:sub(-1) == "/" then
+          h.say(c, "%s must be a file path", flag) return EXIT.usage
+        elseif (e == true or e == 0) and not args.resume then
+          h.say(c, "%s %s already exists: choose another file, or --resume the batch that wrote it", flag, path)
+          return EXIT.usage
+        elseif not dir_ok(path) then
+          h.say(c, "%s %s: its directory does not exist or is not writable", flag, path)
+          return EXIT.usage
+        end
+      end
+    end
+  end
+
   local client, _ = h.make_client(c, args)
   if not client then return _ end
   local require_secret = not args.no_secret and client.api_version ~= "v2.1" and client:has_private_key()

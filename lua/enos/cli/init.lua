@@ -277,7 +277,22 @@ local function make_client(c, args)
   return client, r
 end
 
+-- An identifier flag: non-empty, short, printable, UTF-8 (checked here so the message names the flag).
+local function ident_ok(c, args)
+  for _, f in ipairs { { "asset_id", "--asset-id" }, { "product_key", "--product-key" }, { "device_key", "--device-key" } } do
+    local v = args[f[1]]
+    if v ~= nil then
+      local why = v == "" and "must not be empty" or #v > 64 and "is longer than 64 bytes"
+        or v:find("[%z\1-\31\127]") and "contains control characters"
+        or not require("enos.plan").valid_utf8(v) and "is not valid UTF-8"
+      if why then say(c, "%s %s", f[2], why) return false end
+    end
+  end
+  return true
+end
+
 local function target_of(c, args)
+  if not ident_ok(c, args) then return nil end
   if args.asset_id and (args.product_key or args.device_key) then
     say(c, "give --asset-id, or --product-key with --device-key, not both")
     return nil

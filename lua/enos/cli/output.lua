@@ -78,6 +78,7 @@ end
 function M.error_text(err)
   if type(err) ~= "table" then return tostring(err) end
   local tags = { tostring(err.kind) }
+  if err.field then tags[#tags + 1] = "field " .. tostring(err.field) end
   if err.code then tags[#tags + 1] = "code " .. tostring(err.code) end
   if err.status then tags[#tags + 1] = "HTTP " .. tostring(err.status) end
   if err.request_id then tags[#tags + 1] = "request " .. tostring(err.request_id) end
