@@ -155,8 +155,10 @@ function Client:has_private_key() return self._key ~= nil end
 function Client:transport()
   if self._closed then return nil, errors.new("config", "client is closed") end
   if not self._transport then
-    local t = require "enos.transport.curl"
-    self._transport = t.new(self._transport_opts)
+    -- inside nginx: cosockets (nil, err in a phase without them); elsewhere: libcurl
+    local t, err = require("enos.transport.ngx").auto(self._transport_opts)
+    if t == nil then return nil, errors.from_transport(err) end
+    self._transport = t or require("enos.transport.curl").new(self._transport_opts)
     self._own_transport = true
   end
   return self._transport
@@ -258,14 +260,13 @@ function Client:_get_token(force)
   end
   local now = self.clock()
   local tok = self._token
-  if not force and not tok and self._token_cache then
-    tok = self._token_cache:get(self)
-    self._token = tok
+  local function fresh(t) return now < t.expires_at - math.min(REFRESH_MARGIN_MS, t.ttl * 1000 / 2) end
+  -- missing or due: another worker may have refreshed it (the cache lets one caller fetch at a time)
+  if not force and self._token_cache and not (tok and fresh(tok)) then
+    local cached = self._token_cache:get(self)
+    if cached then tok = cached; self._token = cached end
   end
-  if not force and tok then
-    local margin = math.min(REFRESH_MARGIN_MS, tok.ttl * 1000 / 2)
-    if now < tok.expires_at - margin then return tok.value end
-  end
+  if not force and tok and fresh(tok) then return tok.value end
   self._token_fetching = true
   local newtok, err
   if tok and not force and now < tok.expires_at then
@@ -273,7 +274,10 @@ function Client:_get_token(force)
   end
   if not newtok then newtok, err = self:_token_request(TOKEN_GET) end
   self._token_fetching = false
-  if not newtok then return nil, err end
+  if not newtok then
+    if self._token_cache and self._token_cache.abort then self._token_cache:abort(self) end
+    return nil, err
+  end
   self._token = newtok
   if self._token_cache then self._token_cache:set(self, newtok) end
   return newtok.value

@@ -42,6 +42,9 @@ M.FORMATS = { json = true, env = true, text = true }
 
 local function default_sleep(seconds)
   if seconds <= 0 then return end
+  -- inside nginx, a blocking sleep would stall the worker: yield to it instead
+  local ngx_ok, enos_ngx = pcall(require, "enos.ngx")
+  if ngx_ok and enos_ngx.in_nginx() and enos_ngx.check_phase() then return enos_ngx.sleep(seconds) end
   local ok, socket = pcall(require, "socket")
   if ok and socket.sleep then return socket.sleep(seconds) end
   os.execute(string.format("sleep %.3f", seconds))
