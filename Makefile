@@ -65,6 +65,7 @@ demo: both
 
 bench: both
 	bash bench/run.sh
+	@if [ "$${BENCH_NGX:-1}" != 0 ]; then bash bench/ngx/run.sh; fi
 
 LUA_LDIR := $(DESTDIR)$(PREFIX)/share/lua/5.4
 LUA_CDIR := $(DESTDIR)$(PREFIX)/lib/lua/5.4
