@@ -125,8 +125,29 @@ end
 -- (nil, {line = n, message = ...}) for a malformed row.
 function M.Reader:rows()
   local f, lineno, header = self.f, 0, nil
+  -- Lines split here, not by f:read("*l"): LuaJIT's line reader stops at a NUL byte and
+  -- silently drops the rest of the line (a NUL must reach the row check, which names the field).
+  local buf, pos, eof = "", 1, false
+  local function rawline()
+    while true do
+      local nl = buf:find("\n", pos, true)
+      if nl then
+        local l = buf:sub(pos, nl - 1)
+        pos = nl + 1
+        return l
+      end
+      if eof then
+        if pos > #buf then return nil end
+        local l = buf:sub(pos)
+        pos = #buf + 1
+        return l
+      end
+      local chunk = f:read(65536)
+      if chunk then buf, pos = buf:sub(pos) .. chunk, 1 else eof = true end
+    end
+  end
   local function nextline()
-    local l = f:read("*l")
+    local l = rawline()
     if l then lineno = lineno + 1; l = l:gsub("\r$", "") end
     return l
   end
