@@ -285,7 +285,7 @@ describe("fault matrix", function()
         if f.arm then f.arm(env, "workflow") end
         local slept = 0
         local report, err = workflow.replace(c, { assetId = "A001", newDeviceKey = "NEW-A001" }, {
-          settle_ms = 0, backoff_ms = 1, backoff_max_ms = 5, sleep = function(s) slept = slept + s * 1000 end,
+          settle_ms = 0, backoff_ms = 4, backoff_max_ms = 8, sleep = function(s) slept = slept + s * 1000 end,
         })
         c:close()
         local exit = report and (report.error and cli.exit_code(report.error) or 0) or cli.exit_code(err)

@@ -235,7 +235,6 @@ describe("bad input", function()
       { "private_key", { private_key = 42, session_key = "abc", secret = "abc" } },
       { "session_key", { private_key = "PEM", secret = "abc" } },
       { "session_key", { private_key = "PEM", session_key = 42, secret = "abc" } },
-      { "session_key", { private_key = "PEM", session_key = "", secret = "abc" } },
       { "secret", { private_key = "PEM", session_key = "abc" } },
       { "secret", { private_key = "PEM", session_key = "abc", secret = {} } },
       { "scheme", { private_key = "PEM", session_key = "abc", secret = "abc", scheme = "bogus" } },
