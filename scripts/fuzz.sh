@@ -5,6 +5,7 @@
 #   scripts/fuzz.sh                  every target
 #   scripts/fuzz.sh fuzz_decode ...  some targets
 #   FUZZ_SECONDS=300 FUZZ_JOBS=2 scripts/fuzz.sh
+#   FUZZ_SECONDS=0 scripts/fuzz.sh   only replay the committed seeds (a regression run)
 #   FUZZ_MERGE=1 scripts/fuzz.sh     afterwards, merge new coverage into fuzz/corpus/ (to commit)
 # Seeds come from fuzz/corpus/<target>/ (committed); what the fuzzer finds goes to
 # build/fuzz/corpus/<target>/ and crash artifacts to build/fuzz/artifacts/.
@@ -48,12 +49,13 @@ for t in "${targets[@]}"; do
   mkdir -p "$OUT/corpus/$t" "fuzz/corpus/$t"
   log="$OUT/logs/$t.log"
   extra=()
+  if [ "$SECS" = 0 ]; then extra+=(-runs=0); else extra+=("-max_total_time=$SECS"); fi
   JOBS=${FUZZ_JOBS:-1}
   [ "$JOBS" -gt 1 ] && extra+=("-jobs=$JOBS" "-workers=$JOBS")
   [ -f "fuzz/$t.dict" ] && extra+=("-dict=fuzz/$t.dict")
   # New inputs go to the first corpus directory only; the committed seeds are read.
   ASAN_OPTIONS="detect_leaks=1:abort_on_error=0" UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1" \
-    "$OUT/$t" -max_total_time="$SECS" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
+    "$OUT/$t" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 \
       -artifact_prefix="$OUT/artifacts/$t-" "${extra[@]}" "$OUT/corpus/$t" "fuzz/corpus/$t" > "$log" 2>&1
   rc=$?
   if [ "$JOBS" -gt 1 ]; then cat fuzz-*.log >> "$log" 2>/dev/null; rm -f fuzz-*.log; fi
