@@ -280,8 +280,8 @@ function M.run(client, plan, opts)
         local safe_retry = st == 429 or (st == 503 and not is_replace)
         if not safe_retry or attempt >= o.retry_attempts then
           if row and res and st == 200 and not row.assetId and req.url:find("action=get", 1, true) then
-            local doc = json.decode(res.body)
-            if type(doc) == "table" and type(doc.data) == "table" then row.assetId = doc.data.assetId end
+            -- the preflight's answer names the asset: journal it with the replace (no second JSON decode)
+            row.assetId = res.body:match('"assetId"%s*:%s*"([^"]+)"')
           end
           return res, err
         end

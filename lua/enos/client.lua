@@ -352,8 +352,8 @@ local function token_rejected(res, doc)
 end
 
 -- Interprets a reply: data, envelope | nil, err.
-function Client:_interpret(res)
-  local doc = json.decode(res.body or "")
+function Client:_interpret(res, doc)
+  if doc == nil then doc = json.decode(res.body or "") end
   local secrets = self:_secrets()
   if res.status < 200 or res.status > 299 then
     local e = errors.from_status(res.status, res.headers, errors.scrub(res.body, secrets))
@@ -398,7 +398,7 @@ function Client:_call(spec)
         if self._token_cache then self._token_cache:set(self, nil) end
       end
     else
-      return self:_interpret(res)
+      return self:_interpret(res, doc)
     end
   end
   return nil, errors.new("auth", "the gateway rejected a freshly issued token")
