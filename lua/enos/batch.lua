@@ -13,6 +13,14 @@ local workflow = require "enos.workflow"
 
 local M = {}
 
+--- Options and their types (anything else is refused, so a typo is not silently ignored).
+M.OPTIONS = {
+  concurrency = "number", qps = "number", retry_attempts = "number", backoff_ms = "number",
+  backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number",
+  progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
+  results = "string", resume = "boolean", require_secret = "boolean", progress = "any", plan_format = "string",
+}
+
 M.DEFAULTS = {
   concurrency = 8,
   qps = nil,               -- requests per second cap (token bucket); nil: none
@@ -170,15 +178,36 @@ end
 -- retry_attempts, backoff_ms, backoff_max_ms, sleep-free: the scheduler does the waiting.
 function M.run(client, plan, opts)
   if type(client) ~= "table" then error("enos.batch.run: client expected", 2) end
+  if opts ~= nil and type(opts) ~= "table" then error("enos.batch.run: opts must be a table", 2) end
   opts = opts or {}
   local o = {}
   for k, v in pairs(M.DEFAULTS) do o[k] = v end
-  for k, v in pairs(opts) do o[k] = v end
+  for k, v in pairs(opts) do
+    local want = M.OPTIONS[k]
+    if not want then return nil, errors.arg(tostring(k), "unknown batch option '" .. tostring(k) .. "'") end
+    if want ~= "any" and type(v) ~= want then return nil, errors.arg(k, k .. " must be a " .. want) end
+    o[k] = v
+  end
   if type(o.concurrency) ~= "number" or o.concurrency < 1 or o.concurrency > 1024 or o.concurrency % 1 ~= 0 then
     return nil, errors.arg("concurrency", "concurrency must be an integer 1-1024")
   end
   if o.qps ~= nil and (type(o.qps) ~= "number" or o.qps <= 0) then
     return nil, errors.arg("qps", "qps must be a positive number")
+  end
+  for _, k in ipairs { "retry_attempts", "max_attempts" } do
+    if o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
+  end
+  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval" } do
+    if o[k] ~= nil and o[k] < 0 then return nil, errors.arg(k, k .. " must be a number >= 0") end
+  end
+  if o.format ~= nil and o.format ~= "csv" and o.format ~= "jsonl" then
+    return nil, errors.arg("format", "format must be csv or jsonl")
+  end
+  for _, k in ipairs { "out", "journal", "results" } do
+    if o[k] ~= nil and (o[k] == "" or o[k]:sub(-1) == "/") then return nil, errors.arg(k, k .. " must be a file path") end
+  end
+  if o.progress ~= nil and o.progress ~= true and o.progress ~= false and type(o.progress) ~= "function" then
+    return nil, errors.arg("progress", "progress must be a boolean or a function")
   end
 
   -- 1. Check the whole plan before the first request.
@@ -197,6 +226,22 @@ function M.run(client, plan, opts)
   -- 2. Files: journal (required for durability), credentials, results.
   local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
   if not jpath then return nil, errors.arg("journal", "a journal path is required") end
+  do
+    -- every output refused before the journal is created: a typo must not leave a journal behind
+    local rp = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
+    for _, f in ipairs { { "journal", jpath }, { "out", o.out }, { "results", rp } } do
+      if f[2] and not (o.resume and f[1] ~= "journal") then
+        local ok, werr = workflow.check_writable(f[2], o.resume and f[1] == "journal")
+        if not ok then
+          werr.field = f[1]
+          if f[1] == "journal" and not o.resume and werr.message:find("exists", 1, true) then
+            werr.message = "journal " .. f[2] .. " already exists: use resume to continue that batch, or another journal"
+          end
+          return nil, werr
+        end
+      end
+    end
+  end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end

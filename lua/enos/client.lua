@@ -30,6 +30,9 @@ Client.__name = "enos.client"
 
 -- ---------------------------------------------------------------- options
 
+-- (enos.plan requires this module: load it lazily)
+local function valid_utf8(v) return require("enos.plan").valid_utf8(v) end
+
 local function is_loopback(host)
   host = host:lower()
   return host == "localhost" or host:match("^127%.%d+%.%d+%.%d+$") ~= nil or host == "[::1]"
@@ -69,6 +72,26 @@ local function check_options(opts)
     if want ~= "any" and type(v) ~= want then
       return nil, errors.new("config", "client option '" .. k .. "' must be a " .. want, { field = k })
     end
+  end
+  -- identifiers and secrets: non-empty, printable, bounded, UTF-8 (before they reach a header or a body)
+  for k, max in pairs { endpoint = 2048, access_key = 256, secret_key = 256, org_id = 64, user_agent = 256,
+    cafile = 4096, capath = 4096, private_key_file = 4096 } do
+    local v = opts[k]
+    if v ~= nil then
+      local why = v == "" and "must not be empty" or #v > max and ("is longer than " .. max .. " bytes")
+        or v:find("[%z\1-\31\127]") and "contains control characters" or not valid_utf8(v) and "is not valid UTF-8"
+      if why then return nil, errors.new("config", "client option '" .. k .. "' " .. why, { field = k }) end
+    end
+  end
+  for _, k in ipairs { "cafile", "capath" } do
+    if opts[k] ~= nil then
+      if not core.file_mode(opts[k]) then
+        return nil, errors.new("config", "client option '" .. k .. "': no such file or directory: " .. opts[k], { field = k })
+      end
+    end
+  end
+  if opts.max_body ~= nil and not (opts.max_body >= 1024 and opts.max_body <= 1024 ^ 3) then
+    return nil, errors.new("config", "max_body must be between 1 KiB and 1 GiB", { field = "max_body" })
   end
   for _, k in ipairs { "timeout", "connect_timeout" } do
     if opts[k] ~= nil and not (opts[k] > 0 and opts[k] <= 86400) then
@@ -223,11 +246,12 @@ function Client:_token_request(path, extra)
     headers = { ["Content-Type"] = "application/json" }, timeout = self.timeout,
   }
   if not res then return nil, err end
+  -- an HTTP error is the gateway's (503 outage, 429 throttling), whatever JSON it carries: never "auth"
+  if res.status < 200 or res.status > 299 then
+    return nil, errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
+  end
   local doc = json.decode(res.body)
   if type(doc) ~= "table" then
-    if res.status < 200 or res.status > 299 then
-      return nil, errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
-    end
     return nil, errors.new("protocol", "token service reply is not JSON: " .. errors.trim(res.body, 80))
   end
   local st = doc.status
@@ -416,6 +440,7 @@ local function check_string(p, field, required, max)
   if v == "" then return nil, errors.arg(field, field .. " must not be empty") end
   if #v > (max or 256) then return nil, errors.arg(field, field .. " is longer than " .. (max or 256) .. " bytes") end
   if v:find("[%z\1-\31\127]") then return nil, errors.arg(field, field .. " contains control characters") end
+  if not valid_utf8(v) then return nil, errors.arg(field, field .. " is not valid UTF-8") end
   return true
 end
 

@@ -29,6 +29,12 @@ end
 --- The apim-signature of a request: {access_token, app_secret, query, body, timestamp}.
 function enos.signature(p)
   if type(p) ~= "table" then error("enos.signature expects a table", 2) end
+  -- misuse raises (design.md), naming the field
+  for _, k in ipairs { "access_token", "app_secret" } do
+    if type(p[k]) ~= "string" then error("enos.signature: " .. k .. " must be a string, got " .. type(p[k]), 2) end
+  end
+  if p.query ~= nil and type(p.query) ~= "table" then error("enos.signature: query must be a table", 2) end
+  if p.body ~= nil and type(p.body) ~= "string" then error("enos.signature: body must be a string", 2) end
   local q = {}
   for k, v in pairs(p.query or {}) do
     if type(v) == "boolean" then v = tostring(v)
@@ -44,11 +50,16 @@ enos.load_private_key = secret.load_private_key
 --- Decrypts a V2.4 secret: {private_key, session_key, secret, scheme} -> plaintext | nil, err.
 function enos.decrypt_secret(p)
   if type(p) ~= "table" then error("enos.decrypt_secret expects a table", 2) end
+  for _, k in ipairs { "session_key", "secret" } do
+    if type(p[k]) ~= "string" then
+      return nil, errors.arg(k, k .. " must be a string (the encrypted value from EnOS)")
+    end
+  end
   local key = p.private_key
   if not core.is_key(key) then
     local err
     key, err = secret.load_private_key(key)
-    if not key then return nil, errors.new("decrypt", err.message) end
+    if not key then return nil, errors.arg("private_key", err.message) end
   end
   return secret.decrypt(key, p.session_key, p.secret, p.scheme)
 end

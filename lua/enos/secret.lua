@@ -115,18 +115,24 @@ end
 --- Loads a private key from PEM text or {file = path}. Returns key | nil, err.
 function M.load_private_key(src)
   local pem
-  if type(src) == "table" and src.file then
+  if type(src) == "table" and src.file ~= nil then
+    if type(src.file) ~= "string" or src.file == "" then
+      return nil, errors.new("config", "private key file must be a path", { field = "file" })
+    end
     local f, ferr = io.open(src.file, "rb")
-    if not f then return nil, errors.new("config", "cannot read private key file: " .. tostring(ferr)) end
+    if not f then return nil, errors.new("config", "cannot read private key file: " .. tostring(ferr), { field = "file" }) end
     pem = f:read("*a")
     f:close()
+    if type(pem) ~= "string" then     -- a directory opens, but does not read
+      return nil, errors.new("config", "cannot read private key file: " .. src.file, { field = "file" })
+    end
   elseif type(src) == "string" then
     pem = src
   else
     return nil, errors.arg("private_key", "must be PEM text or {file = path}")
   end
   local key, why = core.load_private_key(pem)
-  if not key then return nil, errors.new("config", "private key: " .. why) end
+  if not key then return nil, errors.new("config", "private key: " .. why, { field = "private_key" }) end
   return key
 end
 
