@@ -68,7 +68,7 @@ tree=$(mktemp -d /tmp/enos-rocks.XXXXXX)
          == "4a402ff72d4644a3b5cbbb173ccd04a2b6d8be85bf522780b8626ca800e90545")
        print("installed enos " .. enos._VERSION .. " works")')
 } > "$LOG/rockspec.log" 2>&1
-rc=$?; tail -n 3 "$LOG/rockspec.log"; rm -rf "$tree"; single "rockspec install" $rc
+rc=$?; tail -n 3 "$LOG/rockspec.log"; rm -rf "$tree" enos; single "rockspec install" $rc   # (luarocks builds enos/core.so here)
 
 if [ ${#FAILURES[@]} -gt 0 ]; then
   note "failures"
