@@ -227,9 +227,11 @@ describe("batch against the simulator", function()
     local s = assert(batch.run(client(), plan, { journal = journal, out = out, resume = true, settle_ms = 50 }))
     h:admin("DELETE", "/faults")
     local function failures(path)
-      local out = {}
-      for line in io.lines(path) do if line:find(",failed,", 1, true) or line:find(",unknown,", 1, true) then out[#out + 1] = line end end
-      return table.concat(out, "\n")
+      local bad = {}
+      for line in io.lines(path) do
+        if line:find(",failed,", 1, true) or line:find(",unknown,", 1, true) then bad[#bad + 1] = line end
+      end
+      return table.concat(bad, "\n")
     end
     assert.equal(0, s.failed, failures(journal .. ".results.csv"))
     assert.equal(n, s.done + s.skipped)

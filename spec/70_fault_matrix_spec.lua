@@ -236,7 +236,7 @@ describe("fault matrix", function()
     end
   end
 
-  local function assert_recoverable(c, asset, expect_key)
+  local function assert_recoverable(_, asset, expect_key)
     env.sim:admin("DELETE", "/faults")
     local d = device(asset)
     assert.equal(expect_key, d.deviceKey)
