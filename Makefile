@@ -9,7 +9,7 @@ VERSION := $(shell sed -n 's/^#define ENOS_VERSION "\(.*\)"/\1/p' src/enos.h)
 # Debian packages the project needs (make deps installs the missing ones).
 DEB_PKGS := lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted lua-check \
             luarocks luajit2 libluajit2-5.1-dev lua-argparse nginx libnginx-mod-http-lua \
-            lua-resty-core lua-luaossl lua-socket pkg-config valgrind openssl curl
+            lua-resty-core lua-luaossl lua-socket pkg-config valgrind openssl curl clang libclang-rt-14-dev wrk
 
 WARN := -Wall -Wextra -Wshadow -Wstrict-prototypes -Wmissing-prototypes -Wpointer-arith \
         -Wcast-qual -Wwrite-strings -Wformat=2 -Wundef -Wconversion -Wno-sign-conversion -Werror
@@ -29,7 +29,7 @@ else
 endif
 SO := build/$(ABI)/enos/core.so
 
-.PHONY: all both deps check demo install uninstall clean bench lint
+.PHONY: all both deps check demo install uninstall clean bench lint asan valgrind fuzz
 
 all: deps-ok $(SO)
 
@@ -59,6 +59,17 @@ lint: deps-ok
 
 check: both
 	bash scripts/check.sh
+
+# Memory safety: the whole spec suite under ASan+UBSan / valgrind memcheck; libFuzzer targets
+# (FUZZ_SECONDS per target, default 10). make check runs the quick forms.
+asan: both
+	bash scripts/asan.sh
+
+valgrind: both
+	bash scripts/valgrind.sh
+
+fuzz: deps-ok
+	bash scripts/fuzz.sh
 
 demo: both
 	$(LUA) examples/demo.lua

@@ -46,6 +46,7 @@ int enos_push_headers(lua_State *L, const char *raw, size_t len) {
     size_t end = i, colon, ns, ne, vs, ve, k;
     char name[128];
     while (end < len && raw[end] != '\n') end++;
+    if (raw[i] == ' ' || raw[i] == '\t') { i = end + 1; continue; }   /* obsolete line folding: ignored */
     colon = i;
     while (colon < end && raw[colon] != ':') colon++;
     ns = i; ne = colon;

@@ -99,8 +99,8 @@ static kv *collect_query(lua_State *L, int idx, size_t *count) {
   arr = lua_newuserdata(L, (n ? n : 1) * sizeof *arr);
   lua_pushnil(L);
   while (lua_next(L, idx) != 0) {
-    if (lua_type(L, -2) != LUA_TSTRING)
-      luaL_error(L, "query parameter names must be strings");
+    if (lua_type(L, -2) != LUA_TSTRING || enos_rawlen(L, -2) == 0)
+      luaL_error(L, "query parameter names must be non-empty strings");
     if (lua_type(L, -1) != LUA_TSTRING)
       luaL_error(L, "query parameter '%s' must be a string", lua_tostring(L, -2));
     arr[i].k.s = lua_tolstring(L, -2, &arr[i].k.n);
