@@ -453,13 +453,15 @@ describe("fault matrix", function()
     end)
   end)
 
-  it("docs/faults.md carries this table", function()
-    local doc = H.readfile("docs/faults.md")
-    for _, f in ipairs(FAULTS) do
-      local row = render_row(f)
-      assert.truthy(doc:find(row, 1, true), "docs/faults.md lacks (or differs on) the row:\n" .. row)
-    end
-  end)
+  for _, file in ipairs { "docs/faults.md", "README.md" } do
+    it(file .. " carries this table", function()
+      local doc = H.readfile(file)
+      for _, f in ipairs(FAULTS) do
+        local row = render_row(f)
+        assert.truthy(doc:find(row, 1, true), file .. " lacks (or differs on) the row:\n" .. row)
+      end
+    end)
+  end
 
   if os.getenv("ENOS_FAULTS_PRINT") then
     io.stderr:write("\n")
