@@ -55,16 +55,10 @@ function Sched:send(req)
   -- Outside any task: drive the multi handle until this transfer is done.
   local id = self.multi:add(req)
   while true do
-    for _, done in ipairs(self.multi:wait(1)) do
-      if done.id == id then
-        if done.res then return done.res end
-        return nil, done.err
-      end
-      local co = self.by_id[done.id]
-      if co then
-        self.by_id[done.id] = nil
-        self.ready[#self.ready + 1] = { co, done.res, done.err, n = 3 }
-      end
+    local mine = self:_collect(1, id)
+    if mine then
+      if mine.res then return mine.res end
+      return nil, mine.err
     end
   end
 end
@@ -179,14 +173,20 @@ function Sched:step(max_wait)
   return true
 end
 
-function Sched:_collect(wait)
+-- Dispatches finished transfers to their tasks; returns the completion of
+-- transfer `want` (a send outside any task) when it is among them.
+function Sched:_collect(wait, want)
+  local mine
   for _, done in ipairs(self.multi:wait(wait)) do
     local co = self.by_id[done.id]
-    if co then
+    if done.id == want then
+      mine = done
+    elseif co then
       self.by_id[done.id] = nil
       self.ready[#self.ready + 1] = { co, done.res, done.err, n = 3 }
     end
   end
+  return mine
 end
 
 --- Runs until every task is finished. Returns true, or false and the first
