@@ -313,7 +313,7 @@ function M.run(client, plan, opts)
         -- durable before the request leaves: a crash from here on is reconciled on resume
         local seq = journal:append { key = row.key, line = row.line, state = "sending",
           assetId = row.assetId, newDeviceKey = row.target.newDeviceKey, timeout = req.timeout }
-        sched:wait_for(function() return journal.synced >= seq end)
+        while journal.synced < seq do sched:wait_signal("journal") end
       end
       local attempt = 0
       while true do
@@ -359,7 +359,7 @@ function M.run(client, plan, opts)
     local rec = { key = row.key, line = row.line, state = state }
     for k, v in pairs(fields or {}) do rec[k] = v end
     local seq = journal:append(rec)
-    sched:wait_for(function() return journal.synced >= seq end)
+    while journal.synced < seq do sched:wait_signal("journal") end
   end
 
   local function deliver(row, new, outcome)
@@ -505,6 +505,7 @@ function M.run(client, plan, opts)
       if cred then assert(cred:flush()) end
       assert(results:flush())
       assert(journal:flush())
+      sched:signal("journal")
       if #sched.errors > 0 then error(sched.errors[1], 0) end
       local now = sched.now()
       if now - last_progress >= 200 then last_progress = now progress(false) end

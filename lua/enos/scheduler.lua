@@ -9,7 +9,7 @@ local M = {}
 local Sched = {}
 Sched.__index = Sched
 
-local SEND, SLEEP, WAIT = {}, {}, {}      -- yield markers
+local SEND, SLEEP, WAIT, SIGNAL = {}, {}, {}, {}      -- yield markers
 
 --- Creates a scheduler. opts: the transport options of enos.client
 -- (timeout, connect_timeout, cafile, capath, verify_tls, user_agent, max_body)
@@ -26,6 +26,7 @@ function M.new(opts)
     by_id = {},        -- transfer id → co
     sleeping = {},     -- {at = ms, co}
     waiting = {},      -- {pred, co}
+    signals = {},      -- name → {co, …} (woken together by signal(name))
     tasks = {},        -- co → task record
     ntasks = 0,
     errors = {},
@@ -77,6 +78,21 @@ function Sched:wait_for(pred)
   return coroutine.yield(WAIT, pred)
 end
 
+--- Inside a task: waits until someone calls signal(name). Cheaper than
+-- wait_for when many tasks wait on one event (no predicate polling).
+function Sched:wait_signal(name)
+  if not in_task(self) then error("enos.scheduler: wait_signal outside a task would never end") end
+  return coroutine.yield(SIGNAL, name)
+end
+
+--- Wakes every task waiting on `name`.
+function Sched:signal(name)
+  local list = self.signals[name]
+  if not list then return end
+  self.signals[name] = nil
+  for _, co in ipairs(list) do self.ready[#self.ready + 1] = { co, n = 1 } end
+end
+
 --- Adds a task: fn(...) runs as a coroutine. Returns the task record
 -- {done = bool, ok = bool, result = {…} | error = msg}.
 function Sched:spawn(fn, ...)
@@ -124,6 +140,10 @@ function Sched:_resume(entry)
     self.sleeping[#self.sleeping + 1] = { at = self:now() + arg * 1000, co = co }
   elseif kind == WAIT then
     self.waiting[#self.waiting + 1] = { pred = arg, co = co }
+  elseif kind == SIGNAL then
+    local list = self.signals[arg]
+    if not list then list = {} self.signals[arg] = list end
+    list[#list + 1] = co
   else
     -- a plain coroutine.yield from user code: run it again on the next turn
     self.ready[#self.ready + 1] = { co, n = 1 }
@@ -163,12 +183,13 @@ function Sched:step(max_wait)
     self.sleeping = still
     if #self.ready > 0 then return true end
   end
-  if self.multi:pending() == 0 and not next_wake and #self.waiting == 0 then
+  if self.multi:pending() == 0 and not next_wake and #self.waiting == 0 and not next(self.signals) then
     return self.ntasks > 0 and #self.ready > 0
   end
   local wait = max_wait or 1
   if next_wake then wait = math.min(wait, math.max(0, (next_wake - now) / 1000)) end
   if #self.waiting > 0 then wait = math.min(wait, 0.01) end
+  if next(self.signals) then wait = 0 end   -- the caller signals between steps (e.g. after a journal flush)
   self:_collect(wait)
   return true
 end
