@@ -17,7 +17,7 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/app.pem"
 openssl pkey -in "$OUT/app.pem" -pubout -out "$OUT/app.pub"
 
 sum_mem=0; for m in $MEM_ROWS; do sum_mem=$((sum_mem + m)); done
-TOTAL=$((ROWS * 4 + CURL_ROWS + sum_mem + 10))     # every run replaces its own range
+TOTAL=$((ROWS * 4 + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
 lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))
@@ -85,6 +85,31 @@ print(string.format("%.3f", (core.monotonic_ms() - t0) / 500))
 LUA
 )
 
+echo "bench: require time and single-call latency on loopback"
+latency=$(lua5.4 - "$URL" $AK $SK $ORG "$next" <<'LUA'
+package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+package.cpath = "build/lua5.4/?.so;" .. package.cpath
+local t0 = os.clock()
+local enos = require "enos"
+local req_ms = (os.clock() - t0) * 1000
+local core = require "enos.core"
+local c = assert(enos.client { endpoint = arg[1], access_key = arg[2], secret_key = arg[3], org_id = arg[4] })
+local first = tonumber(arg[5])
+assert(c:get_device { productKey = "pk_demo", deviceKey = ("OLD-%07d"):format(first) })   -- token and connection
+local ms = {}
+for i = 0, 99 do
+  local s = core.monotonic_ms()
+  assert(c:replace_device { productKey = "pk_demo", deviceKey = ("OLD-%07d"):format(first + i),
+    newDeviceKey = ("NEW-%07d"):format(first + i) })
+  ms[#ms + 1] = core.monotonic_ms() - s
+end
+table.sort(ms)
+print(string.format("%.2f %.2f %.2f", req_ms, ms[50], ms[99]))
+LUA
+)
+next=$((next + 100))
+read -r require_ms replace_p50 replace_p99 <<< "$latency"
+
 mem_lines=()
 for m in $MEM_ROWS; do
   echo "bench: peak memory, $m-row plan"
@@ -122,3 +147,6 @@ row("curl per replace from a shell loop (rows/s)", ("%.0f"):format(rows / er), (
   ("enos is %.0fx faster (and does 3 calls a row)"):format((rows / er) / loop))
 LUA
 for l in "${mem_lines[@]}"; do echo "$l"; done
+printf '| require "enos" (CPU time, Lua 5.4)             | %6s ms | |\n' "$require_ms"
+printf '| one client:replace_device on loopback, p50/p99 | %s / %s ms | (keep-alive, token cached, fresh connection per replace) |\n' \
+  "$replace_p50" "$replace_p99"
