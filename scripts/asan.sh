@@ -9,15 +9,7 @@
 set -u
 cd "$(dirname "$0")/.."
 
-QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
-if [ -n "${SPECS:-}" ]; then
-  specs=($SPECS)
-elif [ $QUICK = 1 ]; then
-  specs=(spec/1*_spec.lua spec/20_client_sim_spec.lua)
-else
-  specs=(spec)
-fi
+. scripts/spec-list.sh "$@"
 
 CC=${ASAN_CC:-clang}
 OUT=build/asan

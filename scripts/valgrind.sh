@@ -10,15 +10,7 @@
 set -u
 cd "$(dirname "$0")/.."
 
-QUICK=0
-[ "${1:-}" = "--quick" ] && QUICK=1
-if [ -n "${SPECS:-}" ]; then
-  specs=($SPECS)
-elif [ $QUICK = 1 ]; then
-  specs=(spec/1*_spec.lua spec/20_client_sim_spec.lua)
-else
-  specs=(spec)
-fi
+. scripts/spec-list.sh "$@"
 
 SO=build/lua5.4/enos/core.so
 if [ ! -f "$SO" ] || [ -n "$(find src -newer "$SO" -name '*.[ch]')" ]; then

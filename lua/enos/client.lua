@@ -30,8 +30,7 @@ Client.__name = "enos.client"
 
 -- ---------------------------------------------------------------- options
 
--- (enos.plan requires this module: load it lazily)
-local function valid_utf8(v) return require("enos.plan").valid_utf8(v) end
+local valid_utf8 = json.valid_utf8
 
 local function is_loopback(host)
   host = host:lower()

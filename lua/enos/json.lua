@@ -56,4 +56,30 @@ function M.strip_null(v, depth)
   return v
 end
 
+--- True when s is valid UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+function M.valid_utf8(s)
+  if not s:find("[\128-\255]") then return true end
+  local i, n = 1, #s
+  while i <= n do
+    local c = s:byte(i)
+    local len, min
+    if c < 0x80 then len = 1
+    elseif c >= 0xC2 and c <= 0xDF then len, min = 2, 0x80
+    elseif c >= 0xE0 and c <= 0xEF then len, min = 3, 0x800
+    elseif c >= 0xF0 and c <= 0xF4 then len, min = 4, 0x10000
+    else return false end
+    if len > 1 then
+      local cp = c % (2 ^ (7 - len))
+      for j = i + 1, i + len - 1 do
+        local b = s:byte(j)
+        if not b or b < 0x80 or b > 0xBF then return false end
+        cp = cp * 64 + b % 64
+      end
+      if cp < min or cp > 0x10FFFF or (cp >= 0xD800 and cp <= 0xDFFF) then return false end
+    end
+    i = i + len
+  end
+  return true
+end
+
 return M

@@ -10,7 +10,7 @@ local json = require "enos.json"
 local client_mod = require "enos.client"
 
 -- (enos.plan requires enos.client only, so this does not loop)
-local function plan_utf8(s) return require("enos.plan").valid_utf8(s) end
+local plan_utf8 = json.valid_utf8
 
 local M = {}
 
