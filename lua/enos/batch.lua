@@ -395,23 +395,29 @@ function M.run(client, plan, opts)
     local t = row.target
     -- The request may still be on its way or being handled: wait until it
     -- must have ended (its timeout) plus the settle time before trusting a read.
-    local ready_at = (prev.ts or 0) + (prev.timeout or client.timeout) * 1000 + (o.settle_ms or 2000)
+    -- ("unknown" was written after the request had ended: only the settle time is left.)
+    local in_flight = prev.state == "sending" and (prev.timeout or client.timeout) * 1000 or 0
+    local ready_at = (prev.ts or 0) + in_flight + (o.settle_ms or 2000)
     local wait = ready_at - core.now_ms()
     if wait > 0 then sched:sleep(wait / 1000) end
     local ident = prev.assetId and { assetId = prev.assetId, orgId = t.orgId }
       or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
       or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
+    local d
     for attempt = 1, 3 do
-      local d, err = client:get_device(ident)
-      if d then
-        if d.deviceKey ~= t.newDeviceKey then return nil end
-        if require_secret then
-          local s = client:get_device { assetId = d.assetId, orgId = t.orgId, requireSecret = true }
-          if s then d = s end
-        end
-        return d
-      end
+      local err
+      d, err = client:get_device(ident)
+      if d then break end
       if err.kind == "not_found" then return nil end
+      sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
+    end
+    if not d then return false end
+    if d.deviceKey ~= t.newDeviceKey then return nil end
+    if not require_secret then return d end
+    -- replaced: the row is only done once its secret is in hand (else resume again)
+    for attempt = 1, 3 do
+      local s = client:get_device { assetId = d.assetId, orgId = t.orgId, requireSecret = true }
+      if s and s.deviceKey == t.newDeviceKey and (s.deviceSecret or s.encrypted) then return s end
       sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
     end
     return false
@@ -462,6 +468,16 @@ function M.run(client, plan, opts)
       verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
     })
     if not report and err and err.report and err.report.new then report = err.report end
+    local expect_secret = require_secret or client.api_version == "v2.1"
+    if report and report.new and expect_secret and not report.new.deviceSecret and not report.new.encrypted then
+      -- replaced, but the secret never reached us: not done until a resume reads it back
+      local e = errors.new("transport", "replaced, but the new secret could not be read; resume to recover it")
+      result(row, "unknown", report.new.assetId, e)
+      finish_row(row, "unknown", { assetId = report.new.assetId, error = err_fields(e) })
+      count_failed(e)
+      row_of[coroutine.running()] = nil
+      return
+    end
     if report and report.new then
       local new = report.new
       deliver(row, new, report.outcome)
