@@ -339,7 +339,7 @@ describe("replace_device and get_device results", function()
     assert.equal('{"newDeviceKey":"INV-2231-B","requireSecret":true}', req.body)
     assert.equal("application/json;charset=UTF-8", req.headers["Content-Type"])
     assert.matches("^https://gw.example.com/connect%-service/v2.4/devices%?", req.url)
-    assert.is_true(req.fresh_connect)     -- a replace is never silently re-sent by the transport
+    assert.is_true(req.once)     -- a replace is never silently re-sent by the transport
     assert.matches("action=replaceDevice", req.url)
   end)
 

@@ -19,6 +19,10 @@ local LOCATIONS = [[
     location = /big { content_by_lua_block { local s = string.rep("x", 65536) for _ = 1, 40 do ngx.print(s) end } }
     location = /redirect { return 302 /ok; }
     location = /drop { return 444; }
+    location = /applied_then_drop {
+      content_by_lua_block { package.loaded.applied = (package.loaded.applied or 0) + 1 ngx.exit(444) }
+    }
+    location = /applied { content_by_lua_block { ngx.print(package.loaded.applied or 0) } }
 ]]
 
 describe("libcurl transport over HTTP", function()
@@ -49,13 +53,38 @@ describe("libcurl transport over HTTP", function()
     t:close()
   end)
 
-  it("opens a fresh connection for a request that must not be re-sent", function()
-    local t = core.easy { timeout = 5 }
-    assert(t:send { url = srv.url .. "/ok" })
-    local res = assert(t:send { method = "POST", url = srv.url .. "/echo", body = "x", fresh_connect = true })
-    assert.equal(1, res.new_connections)
-    t:close()
-  end)
+  -- The server takes the request on a kept-alive connection, then closes it without a reply.
+  -- libcurl re-sends such a request by itself; a `once` request (a replace) must reach it once.
+  local function applied() return tonumber(core.easy {}:send { url = srv.url .. "/applied" }.body) end
+  for _, flavour in ipairs { "easy", "multi" } do
+    local function send(t, req)
+      if flavour == "easy" then return t:send(req) end
+      local id = t:add(req)
+      while true do
+        for _, d in ipairs(t:wait(1)) do if d.id == id then return d.res, d.err end end
+      end
+    end
+    it(flavour .. ": a request marked once is never re-sent on its own, and keeps the kept-alive connection", function()
+      local t = core[flavour] { timeout = 5 }
+      local before = applied()
+      assert(send(t, { url = srv.url .. "/ok" }))
+      local res = assert(send(t, { method = "POST", url = srv.url .. "/echo", body = "abc", once = true }))
+      assert.equal(0, res.new_connections)                  -- no new connection per replace
+      assert.equal("abc\n", res.body)                       -- the body goes through in full
+      local _, err = send(t, { method = "POST", url = srv.url .. "/applied_then_drop", body = "x", once = true })
+      assert.equal(1, applied() - before)
+      assert.equal("transport", err.kind)
+      assert.is_true(err.request_sent)
+      assert.matches("may have been applied", err.message)
+      -- the same without once: libcurl re-sends it (why replaces are marked once)
+      assert(send(t, { url = srv.url .. "/ok" }))
+      send(t, { method = "POST", url = srv.url .. "/applied_then_drop", body = "x" })
+      assert.equal(3, applied() - before)
+      -- the handle is still usable afterwards, for once requests too
+      assert.equal("y\n", assert(send(t, { method = "POST", url = srv.url .. "/echo", body = "y", once = true })).body)
+      t:close()
+    end)
+  end
 
   it("honours the timeout and says timeout", function()
     local t = core.easy { timeout = 0.3 }

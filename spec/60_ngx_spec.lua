@@ -110,6 +110,9 @@ describe("enos.transport.ngx inside nginx", function()
       }
     }
     location = /drop { return 444; }
+    location = /applied_then_drop {
+      content_by_lua_block { ngx.shared.results:incr("applied", 1, 0) ngx.exit(444) }
+    }
     location = /empty { return 204; }
     location = /logphase {
       content_by_lua_block { ngx.say("hi") }
@@ -160,17 +163,28 @@ describe("enos.transport.ngx inside nginx", function()
     for k in pairs(r.headers) do assert.equal(k:lower(), k) end
   end)
 
-  it("keeps connections alive in the pool, and opens a fresh one for fresh_connect", function()
+  it("keeps connections alive in the pool, for once requests too; a once request is never re-sent", function()
     local r = run(([[
       local t = require("enos.transport.ngx").new { timeout = 5 }
+      local d = ngx.shared.results
       local out = {}
       for i = 1, 3 do out[i] = assert(t:send { url = "%s/ok" }).new_connections end
-      out[4] = assert(t:send { method = "POST", url = "%s/echo", body = "x", fresh_connect = true }).new_connections
+      out[4] = assert(t:send { method = "POST", url = "%s/echo", body = "x", once = true }).new_connections
       out[5] = assert(t:send { url = "%s/ok" }).new_connections
-      return out
-    ]]):format(base(), base(), base()))
+      -- taken, then the connection closed without a reply: a once request is not sent again
+      local before = d:get("applied") or 0
+      local _, e = t:send { method = "POST", url = "%s/applied_then_drop", body = "x", once = true }
+      local once = (d:get("applied") or 0) - before
+      assert(t:send { url = "%s/ok" })
+      t:send { method = "POST", url = "%s/applied_then_drop", body = "x" }
+      local plain = (d:get("applied") or 0) - before - once
+      return { out = out, once = once, plain = plain, kind = e and e.kind, sent = e and e.request_sent }
+    ]]):format(base(), base(), base(), base(), base(), base()))
     -- the first may reuse a connection an earlier test left in the pool
-    assert.same({ 0, 0, 1, 0 }, { r[2], r[3], r[4], r[5] })
+    assert.same({ 0, 0, 0, 0 }, { r.out[2], r.out[3], r.out[4], r.out[5] })
+    assert.equal(1, r.once)
+    assert.same({ "transport", true }, { r.kind, r.sent })
+    assert.equal(2, r.plain)         -- an idempotent request is retried once on a fresh connection
   end)
 
   it("reads chunked replies, replies delimited by close, and empty ones", function()
@@ -222,7 +236,7 @@ describe("enos.transport.ngx inside nginx", function()
     local r = run(([[
       local t = require("enos.transport.ngx").new { timeout = 5 }
       local _, refused = t:send { url = "http://127.0.0.1:%d/x" }
-      local _, dropped = t:send { method = "POST", url = "%s/drop", body = "x", fresh_connect = true }
+      local _, dropped = t:send { method = "POST", url = "%s/drop", body = "x", once = true }
       local _, bad = t:send { url = "gopher://x/" }
       local _, hdr = t:send { url = "%s/ok", headers = { ["X-Evil"] = "a\r\nInjected: 1" } }
       return { refused = refused, dropped = dropped, bad = bad, hdr = hdr }

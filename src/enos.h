@@ -24,6 +24,7 @@ void enos_open_secret(lua_State *L);
 void enos_open_easy(lua_State *L);
 void enos_open_multi(lua_State *L);
 void enos_open_file(lua_State *L);
+void enos_open_http(lua_State *L);
 
 /* easy.c helpers shared with multi.c */
 typedef struct enos_buf {

@@ -74,6 +74,30 @@ int enos_push_headers(lua_State *L, const char *raw, size_t len) {
   return 1;
 }
 
+/* A reply's `headers` are parsed on first use (most replies never need them):
+ * the reply table keeps the raw block and this __index builds the table once. */
+#define ENOS_RES_MT "enos.response"
+
+static int l_res_index(lua_State *L) {
+  size_t len = 0;
+  const char *raw;
+  if (lua_type(L, 2) != LUA_TSTRING || strcmp(lua_tostring(L, 2), "headers") != 0) return 0;
+  lua_getfield(L, 1, "raw_headers");
+  raw = lua_tolstring(L, -1, &len);
+  enos_push_headers(L, raw ? raw : "", raw ? len : 0);
+  lua_pushvalue(L, -1);
+  lua_setfield(L, 1, "headers");              /* rawset: the table has no __newindex */
+  return 1;
+}
+
+void enos_open_http(lua_State *L) {
+  if (luaL_newmetatable(L, ENOS_RES_MT)) {
+    lua_pushcfunction(L, l_res_index);
+    lua_setfield(L, -2, "__index");
+  }
+  lua_pop(L, 1);
+}
+
 /* ---- options --------------------------------------------------------------- */
 
 static long opt_ms(lua_State *L, int idx, const char *field, long dflt) {
@@ -150,6 +174,19 @@ static size_t on_body(char *p, size_t size, size_t nmemb, void *ud) {
   return enos_buf_append(b, p, n) ? n : 0;
 }
 
+/* The body of a request that must not be re-sent is fed through this read
+ * callback, with no seek callback: when libcurl wants to re-send it on its own
+ * (a reused connection that died before any reply), it cannot rewind and the
+ * transfer fails with CURLE_SEND_FAIL_REWIND instead of applying it twice. */
+static size_t on_read(char *p, size_t size, size_t nmemb, void *ud) {
+  enos_xfer *x = ud;
+  size_t room = size * nmemb, left = x->upload.len - x->upload_pos;
+  size_t n = left < room ? left : room;
+  if (n > 0) memcpy(p, x->upload.data + x->upload_pos, n);
+  x->upload_pos += n;
+  return n;
+}
+
 static size_t on_header(char *p, size_t size, size_t nmemb, void *ud) {
   enos_buf *b = ud;
   size_t n = size * nmemb;
@@ -187,6 +224,8 @@ const char *enos_xfer_init(enos_xfer *x, const enos_http_opts *o) {
   SETOPT(CURLOPT_WRITEDATA, &x->body);
   SETOPT(CURLOPT_HEADERFUNCTION, on_header);
   SETOPT(CURLOPT_HEADERDATA, &x->hdrs);
+  SETOPT(CURLOPT_READFUNCTION, on_read);
+  SETOPT(CURLOPT_READDATA, (void *)x);
   SETOPT(CURLOPT_PRIVATE, (void *)x);
   return NULL;
 }
@@ -198,12 +237,14 @@ void enos_xfer_free(enos_xfer *x) {
   x->slist = NULL;
   enos_buf_free(&x->body);
   enos_buf_free(&x->hdrs);
+  enos_buf_free(&x->upload);
 }
 
 const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_http_opts *o, int copy_body) {
   const char *method, *url, *body = NULL;
   size_t bodylen = 0;
-  long timeout_ms, fresh;
+  long timeout_ms;
+  int once;
   int hdr_tab, nh = 0, i;
 
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
@@ -219,11 +260,12 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   }
   lua_pop(L, 1);
   timeout_ms = opt_ms(L, idx, "timeout", o->timeout_ms);
-  /* A request that must not be sent twice gets a new connection: libcurl
-   * silently re-sends a request whose reused connection died before any reply,
-   * which for a replace that was applied would apply it again. */
-  lua_getfield(L, idx, "fresh_connect");
-  fresh = lua_toboolean(L, -1) ? 1L : 0L;
+  /* A request that must not be sent twice (`once`): libcurl silently re-sends
+   * a request whose reused connection died before any reply, which for a
+   * replace that was applied would apply it again. Its body goes through
+   * on_read, which libcurl cannot rewind, so that re-send fails instead. */
+  lua_getfield(L, idx, "once");
+  once = lua_toboolean(L, -1);
   lua_pop(L, 1);
 
   /* Header lines are formatted first (as Lua strings), so no Lua error can
@@ -262,15 +304,23 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   x->body.len = 0; x->body.overflow = 0;
   x->hdrs.len = 0; x->hdrs.overflow = 0;
   x->errbuf[0] = '\0';
+  x->upload.len = 0; x->upload_pos = 0;
+  if (once && body != NULL && bodylen > 0 && !enos_buf_append(&x->upload, body, bodylen))
+    return "out of memory copying the request body";
 
   if (curl_easy_setopt(x->curl, CURLOPT_URL, url) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, x->slist) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_TIMEOUT_MS, timeout_ms) != CURLE_OK ||
-      curl_easy_setopt(x->curl, CURLOPT_FRESH_CONNECT, fresh) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_CUSTOMREQUEST, (char *)NULL) != CURLE_OK)
     return "libcurl rejected the URL or an option";
   if (strcmp(method, "GET") == 0 && body == NULL) {
     if (curl_easy_setopt(x->curl, CURLOPT_HTTPGET, 1L) != CURLE_OK) return "libcurl rejected GET";
+  } else if (once) {
+    if (curl_easy_setopt(x->curl, CURLOPT_POST, 1L) != CURLE_OK ||
+        curl_easy_setopt(x->curl, CURLOPT_POSTFIELDS, (char *)NULL) != CURLE_OK ||
+        curl_easy_setopt(x->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->upload.len) != CURLE_OK ||
+        (strcmp(method, "POST") != 0 && curl_easy_setopt(x->curl, CURLOPT_CUSTOMREQUEST, method) != CURLE_OK))
+      return "libcurl rejected the request body";
   } else {
     if (curl_easy_setopt(x->curl, CURLOPT_POST, 1L) != CURLE_OK ||
         curl_easy_setopt(x->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen) != CURLE_OK ||
@@ -304,6 +354,17 @@ int enos_xfer_finish(lua_State *L, enos_xfer *x, CURLcode rc) {
   curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
   curl_easy_getinfo(x->curl, CURLINFO_REQUEST_SIZE, &reqsize);
   curl_easy_getinfo(x->curl, CURLINFO_NUM_CONNECTS, &nconn);
+  if (rc == CURLE_SEND_FAIL_REWIND) {
+    /* libcurl wanted to re-send a `once` request: it may have been applied */
+    enos_push_errtable(L, "transport", NULL);
+    lua_pushliteral(L, "the connection closed before any reply; the request may have been applied (not re-sent)");
+    lua_setfield(L, -2, "message");
+    lua_pushinteger(L, (lua_Integer)rc);
+    lua_setfield(L, -2, "curl_code");
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "request_sent");
+    return 2;
+  }
   if (rc != CURLE_OK) {
     enos_push_errtable(L, curl_kind(rc, x->body.overflow), NULL);
     if (x->body.overflow)
@@ -319,13 +380,15 @@ int enos_xfer_finish(lua_State *L, enos_xfer *x, CURLcode rc) {
   }
   curl_easy_getinfo(x->curl, CURLINFO_RESPONSE_CODE, &status);
   curl_easy_getinfo(x->curl, CURLINFO_TOTAL_TIME, &total);
-  lua_createtable(L, 0, 5);
+  lua_createtable(L, 0, 6);
+  luaL_getmetatable(L, ENOS_RES_MT);
+  lua_setmetatable(L, -2);
   lua_pushinteger(L, (lua_Integer)status);
   lua_setfield(L, -2, "status");
   lua_pushlstring(L, x->body.data ? x->body.data : "", x->body.len);
   lua_setfield(L, -2, "body");
-  enos_push_headers(L, x->hdrs.data ? x->hdrs.data : "", x->hdrs.len);
-  lua_setfield(L, -2, "headers");
+  lua_pushlstring(L, x->hdrs.data ? x->hdrs.data : "", x->hdrs.len);
+  lua_setfield(L, -2, "raw_headers");
   lua_pushinteger(L, (lua_Integer)nconn);
   lua_setfield(L, -2, "new_connections");
   lua_pushnumber(L, total);

@@ -17,6 +17,8 @@ typedef struct {
 typedef struct {
   CURL *curl;
   enos_buf body, hdrs;
+  enos_buf upload;             /* the body of a request that must not be re-sent */
+  size_t upload_pos;
   struct curl_slist *slist;
   char errbuf[CURL_ERROR_SIZE];
 } enos_xfer;

@@ -84,17 +84,24 @@ function Out:add(rec)
   end
 end
 
-function Out:flush()
+-- Writes what is buffered; fsyncs too when `sync` (the credentials, before the journal says done).
+function Out:flush(sync)
   if #self.buf == 0 then return true end
   local data = table.concat(self.buf)
   self.buf = {}
   local ok, err = self.f:write(data)
-  if ok then ok, err = self.f:sync() end
+  if ok and sync then ok, err = self.f:sync() end
+  self.dirty = not sync
   return ok, err
 end
 
 function Out:close()
-  if self.f then self:flush() self.f:close() self.f = nil end
+  if self.f then
+    self:flush(true)
+    if self.dirty then self.f:sync() end
+    self.f:close()
+    self.f = nil
+  end
 end
 
 -- New keys already present in a credentials file (to not write a row twice on resume).
@@ -355,6 +362,10 @@ function M.run(client, plan, opts)
   end
 
   -- 4. One row.
+  local wf_opts = assert(workflow.options {
+    sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
+    verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
+  })
   local function finish_row(row, state, fields)
     local rec = { key = row.key, line = row.line, state = state }
     for k, v in pairs(fields or {}) do rec[k] = v end
@@ -461,12 +472,7 @@ function M.run(client, plan, opts)
         return
       end
     end
-    local target = {}
-    for k, v in pairs(row.target) do target[k] = v end
-    local report, err = workflow.replace(client, target, {
-      sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
-      verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
-    })
+    local report, err = workflow.replace(client, row.target, wf_opts)
     if not report and err and err.report and err.report.new then report = err.report end
     local expect_secret = require_secret or client.api_version == "v2.1"
     if report and report.new and expect_secret and not report.new.deviceSecret and not report.new.encrypted then
@@ -518,8 +524,8 @@ function M.run(client, plan, opts)
       if exhausted and sched:count() == 0 then break end
       sched:step(0.05)
       -- order matters: secrets reach the credentials file before the journal says done
-      if cred then assert(cred:flush()) end
-      assert(results:flush())
+      if cred then assert(cred:flush(true)) end
+      assert(results:flush(false))        -- a report: written as rows finish, fsynced at the end
       assert(journal:flush())
       sched:signal("journal")
       if #sched.errors > 0 then error(sched.errors[1], 0) end

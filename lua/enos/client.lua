@@ -360,8 +360,8 @@ function Client:_sign(spec, token)
   return setmetatable({
     method = spec.method, url = self.endpoint .. spec.path .. (qs ~= "" and "?" .. qs or ""),
     headers = headers, body = spec.body, timeout = self.timeout,
-    -- not idempotent: never let the transport re-send it on its own
-    fresh_connect = spec.idempotent == false or nil,
+    -- not idempotent: the transport must never re-send it on its own
+    once = spec.idempotent == false or nil,
   }, Request)
 end
 

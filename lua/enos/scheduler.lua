@@ -111,24 +111,24 @@ function Sched:count() return self.ntasks end
 
 local unpack = table.unpack or unpack
 
-function Sched:_resume(entry)
-  local co = entry[1]
-  local task = self.tasks[co]
-  local res = { coroutine.resume(co, unpack(entry, 2, entry.n or #entry)) }
-  if coroutine.status(co) == "dead" then
+local resume, status = coroutine.resume, coroutine.status
+
+-- What a resumed task did: ended (ok, results…) or yielded (true, kind, arg).
+local function after(self, co, ok, kind, arg, ...)
+  if status(co) == "dead" then
+    local task = self.tasks[co]
     task.done = true
-    if res[1] then
-      task.ok, task.result = true, { unpack(res, 2) }
+    if ok then
+      task.ok, task.result = true, { kind, arg, ... }
     else
-      task.ok, task.error = false, res[2]
-      self.errors[#self.errors + 1] = debug.traceback(co, tostring(res[2]))
+      task.ok, task.error = false, kind
+      self.errors[#self.errors + 1] = debug.traceback(co, tostring(kind))
     end
     self.tasks[co] = nil
     self.ntasks = self.ntasks - 1
     if task.on_done then task.on_done(task) end
     return
   end
-  local kind, arg = res[2], res[3]
   if kind == SEND then
     local ok, id = pcall(self.multi.add, self.multi, arg)
     if ok then
@@ -148,6 +148,13 @@ function Sched:_resume(entry)
     -- a plain coroutine.yield from user code: run it again on the next turn
     self.ready[#self.ready + 1] = { co, n = 1 }
   end
+end
+
+function Sched:_resume(entry)
+  local co = entry[1]
+  local n = entry.n or #entry
+  if n == 3 then return after(self, co, resume(co, entry[2], entry[3])) end
+  return after(self, co, resume(co, unpack(entry, 2, n)))
 end
 
 --- Runs one turn: resumes ready tasks, then waits at most max_wait seconds

@@ -244,6 +244,17 @@ local function check_opts(opts)
   return o
 end
 
+-- Options already checked by M.options (a batch checks its rows' options once).
+local CHECKED = setmetatable({}, { __mode = "k" })
+
+--- Checks workflow options once for many replace calls: returns opts (to pass to replace) | nil, err.
+function M.options(opts)
+  local o, err = check_opts(opts or {})
+  if not o then return nil, err end
+  CHECKED[o] = true
+  return o
+end
+
 local function check_target(target)
   local t = {}
   for k, v in pairs(target) do
@@ -787,8 +798,11 @@ function M.replace(client, target, opts)
   if type(client) ~= "table" then error("enos.workflow.replace: client expected", 2) end
   if type(target) ~= "table" then error("enos.workflow.replace: target table expected", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("enos.workflow.replace: opts must be a table", 2) end
-  local o, err = check_opts(opts or {})
-  if not o then return nil, err end
+  local o, err
+  if CHECKED[opts] then o = opts else
+    o, err = check_opts(opts or {})
+    if not o then return nil, err end
+  end
   local t
   t, err = check_target(target)
   if not t then return nil, err end

@@ -318,9 +318,10 @@ function Transport:_attempt(u, wire, method, deadline, fresh)
   return { status = status, headers = headers, body = body, new_connections = reused and 0 or 1 }
 end
 
---- Sends one request. req: {method, url, headers, body, timeout (s), fresh_connect}.
--- A request is never re-sent after it may have reached the server, except an idempotent one
--- (no fresh_connect) whose pooled connection turned out closed before any reply byte came back.
+--- Sends one request. req: {method, url, headers, body, timeout (s), once}.
+-- A request is never re-sent after it may have reached the server, except one without `once`
+-- (idempotent) whose pooled connection turned out closed before any reply byte came back. A `once`
+-- request (a replace) uses pooled connections too, but such a failure is returned, request_sent.
 -- @return {status, headers (lower-case names), body} | nil, {kind, message, request_sent}
 function Transport:send(req)
   if type(req) ~= "table" then error("enos.transport.ngx: send expects a request table", 2) end
@@ -334,9 +335,8 @@ function Transport:send(req)
   ngx.update_time()
   local deadline = ngx.now() + timeout
   self.stats.requests = self.stats.requests + 1
-  local fresh = req.fresh_connect and true or false
-  local res, e, retry = self:_attempt(u, wire, method, deadline, fresh)
-  if not res and retry and not fresh and remaining(deadline) > 0 then
+  local res, e, retry = self:_attempt(u, wire, method, deadline, false)
+  if not res and retry and not req.once and remaining(deadline) > 0 then
     res, e = self:_attempt(u, wire, method, deadline, true)
   end
   return res, e
