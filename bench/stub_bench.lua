@@ -48,13 +48,13 @@ function fake:add(req)
     new_connections = 0, elapsed = 0.0003 } }
   return self.n
 end
-function fake:wait()
+function fake.wait(self)
   local q = self.q
   self.q = {}
   return q
 end
 function fake:pending() return #self.q end
-function fake:close() end
+function fake.close() end
 core.multi = function() return setmetatable({ n = 0, q = {} }, fake) end
 
 local enos = require "enos"

@@ -130,8 +130,8 @@ local function after(self, co, ok, kind, arg, ...)
     return
   end
   if kind == SEND then
-    local ok, id = pcall(self.multi.add, self.multi, arg)
-    if ok then
+    local added, id = pcall(self.multi.add, self.multi, arg)
+    if added then
       self.by_id[id] = co
     else
       self.ready[#self.ready + 1] = { co, nil, { kind = "transport", message = tostring(id) }, n = 3 }
