@@ -28,7 +28,6 @@ end
 
 local c = assert(enos.client { endpoint = url, access_key = ak, secret_key = sk, org_id = org,
   private_key_file = keyfile ~= "-" and keyfile or nil, timeout = 30 })
-if os.getenv("GEN") then collectgarbage(os.getenv("GEN")) end
 local t0, cpu0 = core.monotonic_ms(), os.clock()
 local s, err
 if mode == "check" then

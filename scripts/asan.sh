@@ -24,7 +24,7 @@ LIBS=$(pkg-config --libs libcurl openssl 2>/dev/null || echo -lcurl -lssl -lcryp
 
 # -shared-libasan: the module needs the runtime's symbols; they come from the
 # preloaded libclang_rt.asan (never link liblua into the module).
-$CC -std=c99 -D_POSIX_C_SOURCE=200809L -fPIC $WARN -O1 -g $SAN -shared-libasan $LUA_CFLAGS \
+$CC -std=c99 -D_POSIX_C_SOURCE=200809L -fPIC -pthread $WARN -O1 -g $SAN -shared-libasan $LUA_CFLAGS \
   -shared -o "$OUT/enos/core.so" src/*.c $LIBS || { echo "asan: build failed"; exit 2; }
 $CC -O1 -fPIC -shared -o "$OUT/unpreload.so" fuzz/unpreload.c || { echo "asan: build failed"; exit 2; }
 

@@ -33,7 +33,7 @@ objs=()
 for src in src/*.c; do
   o="$OUT/obj/$(basename "$src" .c).o"
   if [ ! -f "$o" ] || [ "$src" -nt "$o" ] || [ -n "$(find src -name '*.h' -newer "$o")" ]; then
-    $CC -std=c99 -D_POSIX_C_SOURCE=200809L $WARN -O1 -g $SAN -fsanitize=fuzzer-no-link $LUA_CFLAGS \
+    $CC -std=c99 -D_POSIX_C_SOURCE=200809L -pthread $WARN -O1 -g $SAN -fsanitize=fuzzer-no-link $LUA_CFLAGS \
       -c -o "$o" "$src" || { echo "fuzz: build of $src failed"; exit 2; }
   fi
   objs+=("$o")
@@ -45,7 +45,7 @@ stamp="$OUT/.started"; touch "$stamp"
 for t in "${targets[@]}"; do
   [ -f "fuzz/$t.c" ] || { echo "fuzz: no fuzz/$t.c"; exit 2; }
   $CC -std=c99 -D_POSIX_C_SOURCE=200809L -Wall -Wextra -Werror -O1 -g $SAN -fsanitize=fuzzer $LUA_CFLAGS -Ifuzz \
-    -o "$OUT/$t" "fuzz/$t.c" "${objs[@]}" $LUA_LIBS $LIBS -lm || { echo "fuzz: build of $t failed"; exit 2; }
+    -o "$OUT/$t" "fuzz/$t.c" "${objs[@]}" $LUA_LIBS $LIBS -lm -pthread || { echo "fuzz: build of $t failed"; exit 2; }
   mkdir -p "$OUT/corpus/$t" "fuzz/corpus/$t"
   log="$OUT/logs/$t.log"
   extra=()

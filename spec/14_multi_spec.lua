@@ -114,6 +114,92 @@ describe("libcurl multi + scheduler", function()
     assert.equal(200, res.status)
   end)
 
+  describe("worker thread (decryption and fsync off the event loop)", function()
+    local SECRET = "Wk9vPnz4QbSecretForWorker01"
+    local kp, key
+    setup(function()
+      kp = H.keypair()
+      key = assert(core.load_private_key(kp.private_pem))
+    end)
+    local function collect(m, id)
+      for _ = 1, 200 do
+        for _, d in ipairs(m:wait(0.05)) do if d.id == id then return d end end
+      end
+      error("job " .. id .. " never completed")
+    end
+
+    it("multi:decrypt gives the plaintext core.decrypt_secret gives, or a decrypt error", function()
+      local m = core.multi {}
+      local sk, ds = H.encrypt_secret(kp.public_file, SECRET)
+      local id = m:decrypt(key, sk, ds, "pkcs1", "ecb", "raw", "base64")
+      assert.equal(1, m:pending())
+      local d = collect(m, id)
+      assert.equal(SECRET, d.res)
+      assert.equal(core.decrypt_secret(key, sk, ds, "pkcs1", "ecb", "raw", "base64"), d.res)
+      assert.equal(0, m:pending())
+      local other = assert(core.load_private_key(H.keypair(1024).private_pem))
+      local bad = collect(m, m:decrypt(other, sk, ds, "pkcs1", "ecb", "raw", "base64"))
+      assert.is_nil(bad.res)
+      assert.equal("decrypt", bad.err.kind)
+      assert.is_string(bad.err.message)
+      assert.has_error(function() m:decrypt(key, sk, ds, "nope", "ecb", "raw", "base64") end)
+      m:close()
+    end)
+
+    it("multi:fsync syncs an enos.file; the file may be closed meanwhile; close with jobs queued is clean", function()
+      local dir = H.tmpdir()
+      local m = core.multi {}
+      local f = assert(core.open_file(dir .. "/j", "excl"))
+      assert(f:write("line\n"))
+      local id = m:fsync(f)
+      f:close()                                   -- the job works on its own descriptor
+      local d = collect(m, id)
+      assert.is_true(d.res)
+      assert.has_error(function() m:fsync(f) end)  -- closed: refused at once
+      local g = assert(core.open_file(dir .. "/k", "excl"))
+      for _ = 1, 20 do m:fsync(g) end
+      m:close()                                   -- joins the thread, frees what was queued
+      g:close()
+      assert.equal("line\n", H.readfile(dir .. "/j"))
+    end)
+
+    it("a task's decryption yields: other tasks run while it is being done", function()
+      local s = scheduler.new {}
+      local sk, ds = H.encrypt_secret(kp.public_file, SECRET)
+      local other_ran, seen, plain
+      s:spawn(function()
+        plain = s:decrypt(key, sk, ds, "pkcs1", "ecb", "raw", "base64")
+        seen = other_ran
+      end)
+      s:spawn(function() other_ran = true end)
+      assert(s:run())
+      assert.equal(SECRET, plain)
+      assert.is_true(seen)            -- a blocking decrypt would have finished before the other task ran
+      local _, err = s:decrypt(key, sk, "AAAA", "pkcs1", "ecb", "raw", "base64")   -- outside a task: in place
+      assert.is_string(err)
+      s:close()
+    end)
+
+    it("a client on the scheduler's transport decrypts replace results in the worker", function()
+      local s = scheduler.new {}
+      local decrypts = 0
+      local t = { send = function(_, req) return s.transport:send(req) end,
+        decrypt = function(_, ...) decrypts = decrypts + 1 return s:decrypt(...) end }
+      local sk, ds = H.encrypt_secret(kp.public_file, SECRET)
+      local stub = H.stub(function() return H.envelope { assetId = "A1", deviceKey = "NEW-1", productKey = "pk",
+        deviceSecret = ds, sessionKey = sk } end)
+      t.send = function(_, req) return stub:send(req) end
+      local c = assert(enos.client { endpoint = "https://gw.example.com", access_key = "ak", secret_key = "sk",
+        org_id = "o1", private_key = kp.private_pem, transport = t })
+      local r
+      s:spawn(function() r = assert(c:replace_device { assetId = "A1", newDeviceKey = "NEW-1", requireSecret = true }) end)
+      assert(s:run())
+      assert.equal(SECRET, r.deviceSecret)
+      assert.equal(1, decrypts)
+      s:close()
+    end)
+  end)
+
   it("close is idempotent", function()
     local m = core.multi {}
     m:close()

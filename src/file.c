@@ -6,7 +6,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/stat.h>
-#include "enos.h"
+#include "worker.h"
 
 #define ENOS_FILE_MT "enos.file"
 
@@ -69,6 +69,12 @@ static enos_file *check_file(lua_State *L) {
   enos_file *f = luaL_checkudata(L, 1, ENOS_FILE_MT);
   if (f->fd < 0) luaL_argerror(L, 1, "file is closed");
   return f;
+}
+
+int enos_file_fd(lua_State *L, int idx) {
+  enos_file *f = luaL_checkudata(L, idx, ENOS_FILE_MT);
+  if (f->fd < 0) luaL_argerror(L, idx, "file is closed");
+  return f->fd;
 }
 
 /* f:write(s) -> true | nil, message */

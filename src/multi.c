@@ -5,7 +5,11 @@
  * where the server speaks it). */
 #include <stdlib.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
+#include <fcntl.h>
 #include "http.h"
+#include "worker.h"
 
 typedef struct xnode {
   enos_xfer x;
@@ -21,6 +25,8 @@ typedef struct {
   xnode *free_list;
   lua_Integer next_id;
   int running;                 /* transfers added and not yet collected */
+  int jobs;                    /* worker jobs submitted and not yet collected */
+  enos_worker worker;          /* decryption and fsync off the event loop */
   int open;
 } enos_multi;
 
@@ -51,6 +57,10 @@ static int l_multi(lua_State *L) {
   if (curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, (long)maxconn) != CURLM_OK ||
       curl_multi_setopt(m->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX) != CURLM_OK)
     return luaL_error(L, "enos: libcurl rejected a multi option");
+  {
+    const char *bad = enos_worker_init(&m->worker, m->multi);
+    if (bad) return luaL_error(L, "enos: %s", bad);
+  }
   return 1;
 }
 
@@ -105,6 +115,85 @@ static int multi_add(lua_State *L) {
   return 1;
 }
 
+static enos_job *new_job(lua_State *L, int kind) {
+  enos_job *j = calloc(1, sizeof *j);
+  if (j == NULL) luaL_error(L, "enos: out of memory");
+  j->kind = kind;
+  j->fd = -1;
+  return j;
+}
+
+static int submit(lua_State *L, enos_multi *m, enos_job *j) {
+  const char *bad;
+  j->id = ++m->next_id;
+  bad = enos_worker_submit(&m->worker, j);
+  if (bad) { enos_job_free(j); return luaL_error(L, "enos: %s", bad); }
+  m->jobs++;
+  lua_pushinteger(L, j->id);
+  return 1;
+}
+
+/* m:decrypt(key, sessionKey, deviceSecret, pad, mode, kf, enc) -> id: core.decrypt_secret in the
+ * worker thread; its completion comes from wait() as {id=, res=plaintext} or {id=, err={kind="decrypt"}}. */
+static int multi_decrypt(lua_State *L) {
+  enos_multi *m = check_multi(L, 1);
+  enos_decrypt_args a;
+  enos_job *j;
+  memset(&a, 0, sizeof a);
+  enos_decrypt_read_args(L, 2, &a);          /* raises before anything is allocated */
+  j = calloc(1, sizeof *j);
+  if (j == NULL) { enos_decrypt_args_free(&a); return luaL_error(L, "enos: out of memory"); }
+  j->kind = ENOS_JOB_DECRYPT;
+  j->fd = -1;
+  j->d = a;
+  return submit(L, m, j);
+}
+
+/* m:fsync(file) -> id: fsync of an enos.file in the worker thread (on a dup of its descriptor,
+ * so closing the file meanwhile is safe); completes as {id=, res=true} or {id=, err={kind="io"}}. */
+static int multi_fsync(lua_State *L) {
+  enos_multi *m = check_multi(L, 1);
+  int fd = enos_file_fd(L, 2);
+  enos_job *j = new_job(L, ENOS_JOB_FSYNC);
+  j->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (j->fd < 0) {
+    int e = errno;
+    enos_job_free(j);
+    return luaL_error(L, "enos: cannot duplicate the file descriptor: %s", strerror(e));
+  }
+  return submit(L, m, j);
+}
+
+/* Appends the finished worker jobs to the completion list on top of the stack. */
+static int push_jobs(lua_State *L, enos_multi *m, int i) {
+  enos_job *j = enos_worker_take(&m->worker);
+  while (j) {
+    enos_job *next = j->next;
+    m->jobs--;
+    lua_createtable(L, 0, 2);
+    lua_pushinteger(L, j->id);
+    lua_setfield(L, -2, "id");
+    if (j->err) {
+      enos_push_errtable(L, j->kind == ENOS_JOB_DECRYPT ? "decrypt" : "io", NULL);
+      lua_remove(L, -2);                       /* the nil it pushes first */
+      if (j->sys_errno) lua_pushfstring(L, "%s: %s", j->err, strerror(j->sys_errno));
+      else lua_pushstring(L, j->err);
+      lua_setfield(L, -2, "message");
+      lua_setfield(L, -2, "err");
+    } else if (j->kind == ENOS_JOB_DECRYPT) {
+      lua_pushlstring(L, (const char *)j->out, j->outn);
+      lua_setfield(L, -2, "res");
+    } else {
+      lua_pushboolean(L, 1);
+      lua_setfield(L, -2, "res");
+    }
+    enos_job_free(j);                          /* cleanses the plaintext */
+    lua_rawseti(L, -2, ++i);
+    j = next;
+  }
+  return i;
+}
+
 /* m:wait(timeout_s) -> {{id=, res=}|{id=, err=}, …} (possibly empty).
  * Drives transfers and waits up to timeout_s for activity. */
 static int multi_wait(lua_State *L) {
@@ -115,7 +204,7 @@ static int multi_wait(lua_State *L) {
   if (t < 0) t = 0;
   if (t > 3600) t = 3600;
   if (curl_multi_perform(m->multi, &still) != CURLM_OK) return luaL_error(L, "enos: curl_multi_perform failed");
-  if (still == m->running) {
+  if (still == m->running && !enos_worker_has_done(&m->worker)) {
     /* nothing finished yet: sleep in poll until there is activity or the
      * timeout (with nothing in flight this is a plain sleep) */
     if (curl_multi_poll(m->multi, NULL, 0, (int)(t * 1000), NULL) != CURLM_OK)
@@ -146,13 +235,14 @@ static int multi_wait(lua_State *L) {
     put_node(m, n);
     lua_rawseti(L, -2, ++i);
   }
+  if (m->jobs > 0) push_jobs(L, m, i);
   return 1;
 }
 
 /* m:pending() -> number of transfers added and not yet collected */
 static int multi_pending(lua_State *L) {
   enos_multi *m = check_multi(L, 1);
-  lua_pushinteger(L, m->running);
+  lua_pushinteger(L, m->running + m->jobs);
   return 1;
 }
 
@@ -160,6 +250,8 @@ static int multi_close(lua_State *L) {
   enos_multi *m = luaL_checkudata(L, 1, ENOS_MULTI_MT);
   size_t i;
   if (!m->open) return 0;
+  enos_worker_close(&m->worker);              /* joined before the multi handle it wakes goes */
+  m->jobs = 0;
   for (i = 0; i < m->nall; i++) {
     if (m->multi) curl_multi_remove_handle(m->multi, m->all[i]->x.curl);
     enos_xfer_free(&m->all[i]->x);
@@ -188,6 +280,8 @@ static const luaL_Reg multi_methods[] = {
   {"add", multi_add},
   {"wait", multi_wait},
   {"pending", multi_pending},
+  {"decrypt", multi_decrypt},
+  {"fsync", multi_fsync},
   {"close", multi_close},
   {NULL, NULL}
 };

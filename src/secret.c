@@ -8,7 +8,7 @@
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
 #include <openssl/err.h>
-#include "enos.h"
+#include "worker.h"
 
 typedef struct {
   EVP_PKEY *pkey;
@@ -319,50 +319,88 @@ done:
   return err;
 }
 
-/* decrypt_secret(key, sessionKey, deviceSecret, rsa_padding, aes_mode, key_format, encoding)
- *   -> plaintext | nil, message */
-static int l_decrypt_secret(lua_State *L) {
-  enos_key *k = check_key(L, 1);
-  size_t skn, dsn, i;
-  const char *sk = luaL_checklstring(L, 2, &skn);
-  const char *ds = luaL_checklstring(L, 3, &dsn);
-  int pad = luaL_checkoption(L, 4, "pkcs1", pad_names);
-  int mode = luaL_checkoption(L, 5, "ecb", mode_names);
-  int kf = luaL_checkoption(L, 6, "raw", kf_names);
-  int enc = luaL_checkoption(L, 7, "base64", enc_names);
+void enos_decrypt_read_args(lua_State *L, int idx, enos_decrypt_args *a) {
+  enos_key *k = check_key(L, idx);
+  const char *sk = luaL_checklstring(L, idx + 1, &a->skn);
+  const char *ds = luaL_checklstring(L, idx + 2, &a->dsn);
+  a->pad = luaL_checkoption(L, idx + 3, "pkcs1", pad_names);
+  a->mode = luaL_checkoption(L, idx + 4, "ecb", mode_names);
+  a->kf = luaL_checkoption(L, idx + 5, "raw", kf_names);
+  a->enc = luaL_checkoption(L, idx + 6, "base64", enc_names);
+  a->sk = malloc(a->skn + 1);
+  a->ds = malloc(a->dsn + 1);
+  if (a->sk == NULL || a->ds == NULL || EVP_PKEY_up_ref(k->pkey) != 1) {
+    free(a->sk); free(a->ds);
+    a->sk = a->ds = NULL;
+    luaL_error(L, "enos: out of memory");
+  }
+  memcpy(a->sk, sk, a->skn); a->sk[a->skn] = '\0';
+  memcpy(a->ds, ds, a->dsn); a->ds[a->dsn] = '\0';
+  a->pkey = k->pkey;
+}
+
+void enos_decrypt_args_free(enos_decrypt_args *a) {
+  if (a->pkey) EVP_PKEY_free(a->pkey);
+  if (a->sk) enos_free_secret(a->sk, a->skn + 1);
+  if (a->ds) enos_free_secret(a->ds, a->dsn + 1);
+  a->pkey = NULL;
+  a->sk = a->ds = NULL;
+}
+
+/* Touches no Lua state: runs in the worker thread as well as in the caller's. */
+const char *enos_decrypt_run(const enos_decrypt_args *a, unsigned char **out, size_t *outn) {
   sbuf skraw = {NULL, 0}, kraw = {NULL, 0}, key = {NULL, 0}, ct = {NULL, 0}, pt = {NULL, 0};
   const char *err = NULL;
-
-  if (skn > 8192 || dsn > 8192) { err = "sessionKey or deviceSecret is implausibly long"; goto done; }
-  skraw.p = decode_as(enc, sk, skn, &skraw.n);
-  if (skraw.p == NULL) { err = enc == ENC_HEX ? "sessionKey is not valid hex" : "sessionKey is not valid base64"; goto done; }
+  size_t i;
+  *out = NULL;
+  *outn = 0;
+  if (a->skn > 8192 || a->dsn > 8192) { err = "sessionKey or deviceSecret is implausibly long"; goto done; }
+  skraw.p = decode_as(a->enc, a->sk, a->skn, &skraw.n);
+  if (skraw.p == NULL) { err = a->enc == ENC_HEX ? "sessionKey is not valid hex" : "sessionKey is not valid base64"; goto done; }
   if (skraw.n == 0) { err = "sessionKey is empty"; goto done; }
-  err = rsa_decrypt(k->pkey, pad, &skraw, &kraw);
+  err = rsa_decrypt(a->pkey, a->pad, &skraw, &kraw);
   if (err) goto done;
-  if (kf == KF_RAW) {
+  if (a->kf == KF_RAW) {
     key = kraw; kraw.p = NULL; kraw.n = 0;
   } else {
-    key.p = kf == KF_HEX ? hex_decode((const char *)kraw.p, kraw.n, &key.n)
-                         : b64_decode((const char *)kraw.p, kraw.n, 0, &key.n);
+    key.p = a->kf == KF_HEX ? hex_decode((const char *)kraw.p, kraw.n, &key.n)
+                            : b64_decode((const char *)kraw.p, kraw.n, 0, &key.n);
     if (key.p == NULL) { err = "session key is not the expected text encoding"; goto done; }
   }
   if (key.n != 16 && key.n != 24 && key.n != 32) { err = "session key is not 16, 24 or 32 bytes"; goto done; }
-  ct.p = decode_as(enc, ds, dsn, &ct.n);
-  if (ct.p == NULL) { err = enc == ENC_HEX ? "deviceSecret is not valid hex" : "deviceSecret is not valid base64"; goto done; }
-  err = aes_decrypt(mode, &key, &ct, &pt);
+  ct.p = decode_as(a->enc, a->ds, a->dsn, &ct.n);
+  if (ct.p == NULL) { err = a->enc == ENC_HEX ? "deviceSecret is not valid hex" : "deviceSecret is not valid base64"; goto done; }
+  err = aes_decrypt(a->mode, &key, &ct, &pt);
   if (err) goto done;
   if (pt.n == 0) { err = "decrypted secret is empty"; goto done; }
   for (i = 0; i < pt.n; i++) {
     if (pt.p[i] < 0x20 || pt.p[i] > 0x7e) { err = "decrypted secret is not printable text (wrong key or scheme)"; goto done; }
   }
+  *out = pt.p; *outn = pt.n;
+  pt.p = NULL; pt.n = 0;
 done:
-  if (err == NULL) lua_pushlstring(L, (const char *)pt.p, pt.n);
   sbuf_free(&skraw); sbuf_free(&kraw); sbuf_free(&key); sbuf_free(&ct); sbuf_free(&pt);
+  return err;
+}
+
+/* decrypt_secret(key, sessionKey, deviceSecret, rsa_padding, aes_mode, key_format, encoding)
+ *   -> plaintext | nil, message */
+static int l_decrypt_secret(lua_State *L) {
+  enos_decrypt_args a;
+  unsigned char *out = NULL;
+  size_t outn = 0;
+  const char *err;
+  memset(&a, 0, sizeof a);
+  enos_decrypt_read_args(L, 1, &a);
+  err = enos_decrypt_run(&a, &out, &outn);
+  enos_decrypt_args_free(&a);
   if (err != NULL) {
     lua_pushnil(L);
     lua_pushstring(L, err);
     return 2;
   }
+  lua_pushlstring(L, (const char *)out, outn);
+  enos_free_secret(out, outn);
   return 1;
 }
 

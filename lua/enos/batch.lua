@@ -313,6 +313,7 @@ function M.run(client, plan, opts)
 
   local transport = {
     wait_for = function(_, pred) return sched:wait_for(pred) end,
+    decrypt = base.decrypt and function(_, ...) return base:decrypt(...) end,
     send = function(_, req)
       local row = row_of[coroutine.running() or false]
       local is_replace = req.url:find("action=replaceDevice", 1, true) ~= nil
@@ -504,6 +505,41 @@ function M.run(client, plan, opts)
     row_of[coroutine.running()] = nil
   end
 
+  -- Group commit. Each turn writes what rows produced (credentials first, then the journal), and
+  -- when no fsync is under way hands one of each file to the worker thread (in that order), so the
+  -- disk never stalls the event loop. Rows waiting for "journal" go on once their record is synced.
+  -- (A crash between the two fsyncs leaves a done row without its credentials line: resume
+  -- recovers it from the journal's encrypted pair.)
+  local syncing, sync_err = false, nil
+  local async = sched.multi.fsync ~= nil
+  local function commit()
+    if cred then assert(cred:flush(false)) end
+    assert(results:flush(false))        -- a report: written as rows finish, fsynced at the end
+    assert(journal:write())
+    if journal.written <= journal.synced or syncing then return end
+    if not async then
+      if cred then assert(cred.f:sync()) end
+      assert(journal:flush())
+      sched:signal("journal")
+      return
+    end
+    syncing = true
+    local upto, left = journal.written, cred and 2 or 1
+    local function done(ok, err)
+      if not ok then sync_err = err or "fsync failed" end
+      left = left - 1
+      if left > 0 then return end
+      syncing = false
+      journal.synced = upto
+      journal.fsyncs = journal.fsyncs + 1
+      sched:signal("journal")
+    end
+    if cred then sched:fsync(cred.f, done) end
+    sched:fsync(journal.f, done)
+  end
+
+  sched.before_wait = commit
+
   -- 5. The loop: stream rows, keep `concurrency` in flight, group-commit files.
   t0 = sched.now()
   local rows, close_plan = plan_rows(plan, o.plan_format)
@@ -523,11 +559,8 @@ function M.run(client, plan, opts)
       end
       if exhausted and sched:count() == 0 then break end
       sched:step(0.05)
-      -- order matters: secrets reach the credentials file before the journal says done
-      if cred then assert(cred:flush(true)) end
-      assert(results:flush(false))        -- a report: written as rows finish, fsynced at the end
-      assert(journal:flush())
-      sched:signal("journal")
+      commit()
+      if sync_err then error("fsync failed: " .. tostring(sync_err.message or sync_err), 0) end
       if #sched.errors > 0 then error(sched.errors[1], 0) end
       local now = sched.now()
       if now - last_progress >= 200 then last_progress = now progress(false) end
@@ -538,7 +571,7 @@ function M.run(client, plan, opts)
   results:close()
   journal:close()
   client._transport, client._own_transport = saved_transport, saved_own
-  if own then sched:close() end
+  sched:close()           -- its multi (and worker thread) belong to this batch either way
   if not ok then
     return nil, errors.new("transport", "batch stopped: " .. tostring(run_err))
   end

@@ -515,7 +515,11 @@ function Client:_recover_secret(data)
   data.encrypted = { deviceSecret = data.deviceSecret, sessionKey = data.sessionKey }
   data.deviceSecret, data.sessionKey = nil, nil
   if not self._key then return nil end
-  local pt, err = secret.decrypt(self._key, data.encrypted.sessionKey, data.encrypted.deviceSecret, self.secret_scheme)
+  -- a transport that can (the scheduler's) decrypts in its worker thread, off the event loop
+  local t = self._transport
+  local run = t and t.decrypt and function(...) return t:decrypt(...) end
+  local pt, err = secret.decrypt(self._key, data.encrypted.sessionKey, data.encrypted.deviceSecret,
+    self.secret_scheme, run)
   if pt then data.deviceSecret = pt return nil end
   return err
 end

@@ -68,7 +68,8 @@ function M.open(path, opts)
   if f:mode() % 64 ~= 0 then                 -- group or other permission bits
     io.stderr:write("enos: warning: journal " .. path .. " is readable by others (mode ", string.format("%o", f:mode()), ")\n")
   end
-  local self = setmetatable({ path = path, f = f, buf = {}, seq = 0, synced = 0, state = state }, J)
+  local self = setmetatable({ path = path, f = f, buf = {}, seq = 0, written = 0, synced = 0, fsyncs = 0,
+    state = state }, J)
   return self, state
 end
 
@@ -80,14 +81,25 @@ function J:append(rec)
   return self.seq
 end
 
---- Writes and fsyncs everything buffered (one fsync for the group).
-function J:flush()
+--- Writes everything buffered without waiting for the disk; self.written is the last record written.
+-- Make it durable with flush(), or with an fsync of self.f elsewhere (then set synced).
+function J:write()
   if #self.buf == 0 then return true end
   local data = table.concat(self.buf)
   local upto = self.seq
   self.buf = {}
   local ok, err = self.f:write(data)
   if not ok then return nil, err end
+  self.written = upto
+  return true
+end
+
+--- Writes and fsyncs everything buffered (one fsync for the group).
+function J:flush()
+  local ok, err = self:write()
+  if not ok then return nil, err end
+  if (self.written or 0) <= self.synced then return true end
+  local upto = self.written
   ok, err = self.f:sync()
   if not ok then return nil, err end
   self.synced = upto

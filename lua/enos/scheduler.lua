@@ -9,7 +9,7 @@ local M = {}
 local Sched = {}
 Sched.__index = Sched
 
-local SEND, SLEEP, WAIT, SIGNAL = {}, {}, {}, {}      -- yield markers
+local SEND, SLEEP, WAIT, SIGNAL, JOB = {}, {}, {}, {}, {}      -- yield markers
 
 --- Creates a scheduler. opts: the transport options of enos.client
 -- (timeout, connect_timeout, cafile, capath, verify_tls, user_agent, max_body)
@@ -28,6 +28,7 @@ function M.new(opts)
     waiting = {},      -- {pred, co}
     signals = {},      -- name → {co, …} (woken together by signal(name))
     tasks = {},        -- co → task record
+    callbacks = {},    -- worker job id → function(res, err) (jobs submitted outside tasks)
     ntasks = 0,
     errors = {},
   }, Sched)
@@ -36,6 +37,7 @@ function M.new(opts)
   self.transport = {
     send = function(_, req) return sched:send(req) end,
     wait_for = function(_, pred) return sched:wait_for(pred) end,
+    decrypt = function(_, ...) return sched:decrypt(...) end,
     close = function() end,
   }
   return self
@@ -62,6 +64,23 @@ function Sched:send(req)
       return nil, mine.err
     end
   end
+end
+
+--- core.decrypt_secret(key, sessionKey, deviceSecret, pad, mode, kf, enc) off the event loop:
+-- inside a task it runs in the transport's worker thread while other tasks go on.
+-- @return plaintext | nil, message
+function Sched:decrypt(...)
+  if not in_task(self) or not self.multi.decrypt then return core.decrypt_secret(...) end
+  local res, err = coroutine.yield(JOB, { n = select("#", ...), ... })
+  if res then return res end
+  return nil, err and err.message or "decryption failed"
+end
+
+--- fsync of an enos.file in the worker thread; on_done(true | nil, err) is called from a later step.
+function Sched:fsync(file, on_done)
+  local id = self.multi:fsync(file)
+  self.callbacks[id] = on_done
+  return id
 end
 
 --- Sleeps (inside a task: yields; outside: blocks).
@@ -136,6 +155,13 @@ local function after(self, co, ok, kind, arg, ...)
     else
       self.ready[#self.ready + 1] = { co, nil, { kind = "transport", message = tostring(id) }, n = 3 }
     end
+  elseif kind == JOB then
+    local added, id = pcall(self.multi.decrypt, self.multi, unpack(arg, 1, arg.n))
+    if added then
+      self.by_id[id] = co
+    else
+      self.ready[#self.ready + 1] = { co, nil, { kind = "decrypt", message = tostring(id) }, n = 3 }
+    end
   elseif kind == SLEEP then
     self.sleeping[#self.sleeping + 1] = { at = self:now() + arg * 1000, co = co }
   elseif kind == WAIT then
@@ -196,7 +222,9 @@ function Sched:step(max_wait)
   local wait = max_wait or 1
   if next_wake then wait = math.min(wait, math.max(0, (next_wake - now) / 1000)) end
   if #self.waiting > 0 then wait = math.min(wait, 0.01) end
-  if next(self.signals) then wait = 0 end   -- the caller signals between steps (e.g. after a journal flush)
+  -- (tasks waiting on a signal are woken by signal(), e.g. from a worker job's callback: a job's
+  -- completion ends the wait.) before_wait lets the owner hand work over first (a group commit).
+  if self.before_wait then self.before_wait() end
   self:_collect(wait)
   return true
 end
@@ -212,6 +240,12 @@ function Sched:_collect(wait, want)
     elseif co then
       self.by_id[done.id] = nil
       self.ready[#self.ready + 1] = { co, done.res, done.err, n = 3 }
+    else
+      local cb = self.callbacks[done.id]
+      if cb then
+        self.callbacks[done.id] = nil
+        cb(done.res, done.err)
+      end
     end
   end
   return mine

@@ -56,8 +56,8 @@ local function describe(s)
 end
 M.describe = describe
 
-local function try(key, session_key, secret, s)
-  return core.decrypt_secret(key, session_key, secret, s.rsa_padding, s.aes_mode, s.key_format, s.encoding)
+local function try(key, session_key, secret, s, run)
+  return (run or core.decrypt_secret)(key, session_key, secret, s.rsa_padding, s.aes_mode, s.key_format, s.encoding)
 end
 
 -- Plausible encodings for a pair of strings, cheapest test first.
@@ -70,9 +70,10 @@ local function encodings_for(a, b)
   return out
 end
 
---- Decrypts with one scheme or `auto`.
+--- Decrypts with one scheme or `auto`. `run` (optional) replaces core.decrypt_secret for a named
+-- scheme, e.g. a scheduler's decrypt that does the work in a worker thread.
 -- @return plaintext, scheme_table | nil, err (kind "decrypt")
-function M.decrypt(key, session_key, secret, scheme)
+function M.decrypt(key, session_key, secret, scheme, run)
   local s, err = M.resolve(scheme)
   if not s then return nil, err end
   if type(session_key) ~= "string" or session_key == "" then
@@ -82,8 +83,8 @@ function M.decrypt(key, session_key, secret, scheme)
     return nil, errors.new("decrypt", "deviceSecret is missing")
   end
   if s ~= "auto" then
-    local pt, why = try(key, session_key, secret, s)
-    if not pt then return nil, errors.new("decrypt", why .. " (scheme " .. describe(s) .. ")") end
+    local pt, why = try(key, session_key, secret, s, run)
+    if not pt then return nil, errors.new("decrypt", tostring(why) .. " (scheme " .. describe(s) .. ")") end
     return pt, s
   end
   -- auto: accept only a single distinct plaintext whose padding or tag verifies.
