@@ -245,7 +245,6 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   size_t bodylen = 0;
   long timeout_ms;
   int once;
-  int hdr_tab, nh = 0, i;
 
   idx = idx < 0 ? lua_gettop(L) + idx + 1 : idx;
   luaL_checktype(L, idx, LUA_TTABLE);
@@ -268,10 +267,8 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   once = lua_toboolean(L, -1);
   lua_pop(L, 1);
 
-  /* Header lines are formatted first (as Lua strings), so no Lua error can
-   * happen while the curl_slist is being built. */
-  lua_newtable(L);
-  hdr_tab = lua_gettop(L);
+  /* Header lines are checked first (a misuse raises before the curl_slist
+   * is touched), then formatted into a C buffer for curl_slist_append. */
   lua_getfield(L, idx, "headers");
   if (!lua_isnil(L, -1)) {
     luaL_checktype(L, -1, LUA_TTABLE);
@@ -281,26 +278,37 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
         luaL_error(L, "request headers must be {name = string}");
       if (strpbrk(lua_tostring(L, -1), "\r\n") || strpbrk(lua_tostring(L, -2), "\r\n:"))
         luaL_error(L, "request header '%s' contains a line break or colon", lua_tostring(L, -2));
-      lua_pushfstring(L, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
-      lua_rawseti(L, hdr_tab, ++nh);
+      {
+        size_t kn = 0, vn = 0;
+        lua_tolstring(L, -2, &kn);
+        lua_tolstring(L, -1, &vn);
+        if (kn + vn > 8000) luaL_error(L, "request header '%s' is too long", lua_tostring(L, -2));
+      }
       lua_pop(L, 1);
     }
   }
-  lua_pop(L, 1);
-  lua_pushliteral(L, "Expect:");            /* no 100-continue round trip */
-  lua_rawseti(L, hdr_tab, ++nh);
-
   slist_free_cleansed(x->slist);
   x->slist = NULL;
-  for (i = 1; i <= nh; i++) {
-    struct curl_slist *nl;
-    lua_rawgeti(L, hdr_tab, i);
-    nl = curl_slist_append(x->slist, lua_tostring(L, -1));
-    lua_pop(L, 1);
+  if (!lua_isnil(L, -1)) {
+    char line[8200];
+    lua_pushnil(L);
+    while (lua_next(L, -2) != 0) {
+      struct curl_slist *nl;
+      int n = snprintf(line, sizeof line, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
+      lua_pop(L, 1);
+      nl = (n > 0 && (size_t)n < sizeof line) ? curl_slist_append(x->slist, line) : NULL;
+      if (n > 0) enos_cleanse(line, (size_t)n < sizeof line ? (size_t)n : sizeof line);   /* it held the token */
+      if (nl == NULL) { lua_pop(L, 2); return "out of memory building headers"; }
+      x->slist = nl;
+    }
+  }
+  lua_pop(L, 1);                              /* headers */
+  {
+    /* no 100-continue round trip */
+    struct curl_slist *nl = curl_slist_append(x->slist, "Expect:");
     if (nl == NULL) return "out of memory building headers";
     x->slist = nl;
   }
-  lua_pop(L, 1);                              /* hdr_tab */
   x->body.len = 0; x->body.overflow = 0;
   x->hdrs.len = 0; x->hdrs.overflow = 0;
   x->errbuf[0] = '\0';

@@ -551,7 +551,7 @@ function M.run(client, plan, opts)
         local row = rows()
         if row == nil then exhausted = true break end
         if row then
-          local t = assert(plan_mod.check_row(row.fields))
+          local t = workflow.checked_target(assert(plan_mod.check_row(row.fields)))
           local r = { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId,
             extra = row.extra }
           sched:spawn(run_row, r)

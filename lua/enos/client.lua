@@ -312,6 +312,11 @@ function Client:reset_token() self._token = nil end
 -- ---------------------------------------------------------------- signing and sending
 
 local function stringify_query(q)
+  local plain = true
+  for _, v in pairs(q) do
+    if type(v) ~= "string" then plain = false break end
+  end
+  if plain then return q end              -- the common case: already strings, nothing to copy
   local out = {}
   for k, v in pairs(q) do
     local tv = type(v)
@@ -377,19 +382,22 @@ end
 -- Interprets a reply: data, envelope | nil, err.
 function Client:_interpret(res, doc)
   if doc == nil then doc = json.decode(res.body or "") end
-  local secrets = self:_secrets()
   if res.status < 200 or res.status > 299 then
-    local e = errors.from_status(res.status, res.headers, errors.scrub(res.body, secrets))
+    local e = errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
     if type(doc) == "table" and type(doc.requestId) == "string" then e.request_id = doc.requestId end
     return nil, e
   end
   if type(doc) ~= "table" or type(doc.code) ~= "number" then
-    return nil, errors.new("protocol", "reply is not the EnOS envelope: " .. errors.trim(errors.scrub(res.body, secrets), 120),
+    return nil, errors.new("protocol", "reply is not the EnOS envelope: " ..
+      errors.trim(errors.scrub(res.body, self:_secrets()), 120),
       { status = res.status })
   end
-  json.strip_null(doc, type(doc.data) == "table" and doc.data[1] ~= nil and 3 or 2)
+  -- (most replies have no null at all: then there is nothing to walk)
+  if (res.body or ""):find("null", 1, true) then
+    json.strip_null(doc, type(doc.data) == "table" and doc.data[1] ~= nil and 3 or 2)
+  end
   if doc.code ~= 0 then
-    local e = errors.from_code(doc.code, errors.scrub(doc.msg, secrets), doc.requestId)
+    local e = errors.from_code(doc.code, errors.scrub(doc.msg, self:_secrets()), doc.requestId)
     e.status = res.status
     return nil, e
   end

@@ -32,33 +32,30 @@ function M.seed(d)
   return dev
 end
 
---- Seed the config's devices (at start and on reset). Runs where ngx.sleep may be unavailable,
--- so it writes directly instead of taking the lock (nothing else runs yet).
-function M.seed_config(direct)
+--- Seed the config's devices (at start, and on reset under the lock). Writes directly: it runs
+-- where ngx.sleep may be unavailable, and a per-device insert would count the product each time.
+function M.seed_config()
   local list = conf.cfg.devices or {}
   for _, d in ipairs(list) do
-    if direct then
-      local p = conf.products[d.productKey]
-      if not p then error("enos-sim: seed device: product " .. tostring(d.productKey) .. " does not exist") end
-      local fields = {}
-      for k, v in pairs(d) do fields[k] = v end
-      fields.deviceKey = fields.deviceKey or util.random_alnum(10)
-      if type(fields.deviceName) == "string" then fields.deviceName = { defaultValue = fields.deviceName, i18nValue = {} } end
-      local dev = devices.new_device(d.orgId or conf.default_org(), p, fields)
-      store.put(dev)
-      if d.gateway then store.attach(d.gateway, dev.assetId) end
-    else
-      local _, e = M.seed(d)
-      if e then ngx.log(ngx.ERR, "enos-sim: seed device: ", e) end
-    end
+    local p = conf.products[d.productKey]
+    if not p then error("enos-sim: seed device: product " .. tostring(d.productKey) .. " does not exist") end
+    local fields = {}
+    for k, v in pairs(d) do fields[k] = v end
+    fields.deviceKey = fields.deviceKey or util.random_alnum(10)
+    if type(fields.deviceName) == "string" then fields.deviceName = { defaultValue = fields.deviceName, i18nValue = {} } end
+    local dev = devices.new_device(d.orgId or conf.default_org(), p, fields)
+    store.put(dev)
+    if d.gateway then store.attach(d.gateway, dev.assetId) end
   end
 end
 
 local function reset(body)
+  -- the same direct seeding as at start, under the lock: O(devices) (one insert at a time
+  -- counted the product's devices each time, which took minutes for a large fleet)
   store.locked(function()
     store.clear()
+    M.seed_config()
   end)
-  M.seed_config(false)
   faults.clear()
   faults.clear_log()
   local misc = ngx.shared.enos_misc

@@ -15,7 +15,7 @@ function M.init(config_path)
   store.state_file = cfg.state_file
   if not (cfg.state_file and store.load(cfg.state_file)) then
     store.clear()
-    admin.seed_config(true)
+    admin.seed_config()
   end
 end
 
