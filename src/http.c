@@ -174,10 +174,28 @@ static size_t on_body(char *p, size_t size, size_t nmemb, void *ud) {
   return enos_buf_append(b, p, n) ? n : 0;
 }
 
-/* The body of a request that must not be re-sent is fed through this read
- * callback, with no seek callback: when libcurl wants to re-send it on its own
- * (a reused connection that died before any reply), it cannot rewind and the
- * transfer fails with CURLE_SEND_FAIL_REWIND instead of applying it twice. */
+/* A request marked `once` must never be sent twice: libcurl silently re-sends a
+ * request whose reused connection died before any reply, which for a replace
+ * the server applied would apply it again. libcurl >= 7.80 calls the pre-request
+ * callback before every attempt: the second attempt of a `once` request is
+ * aborted there. Older libcurl: its body is fed through a read callback with no
+ * seek callback, so libcurl cannot rewind it for the re-send and fails instead. */
+#if LIBCURL_VERSION_NUM >= 0x075000
+#define ENOS_ONCE_PREREQ 1
+static int on_prereq(void *ud, char *primary_ip, char *local_ip, int primary_port, int local_port) {
+  enos_xfer *x = ud;
+  (void)primary_ip; (void)local_ip; (void)primary_port; (void)local_port;
+  x->attempts++;
+  if (x->once && x->attempts > 1) {
+    x->refused_resend = 1;
+    return CURL_PREREQFUNC_ABORT;
+  }
+  return CURL_PREREQFUNC_OK;
+}
+#else
+#define ENOS_ONCE_PREREQ 0
+#endif
+
 static size_t on_read(char *p, size_t size, size_t nmemb, void *ud) {
   enos_xfer *x = ud;
   size_t room = size * nmemb, left = x->upload.len - x->upload_pos;
@@ -226,6 +244,10 @@ const char *enos_xfer_init(enos_xfer *x, const enos_http_opts *o) {
   SETOPT(CURLOPT_HEADERDATA, &x->hdrs);
   SETOPT(CURLOPT_READFUNCTION, on_read);
   SETOPT(CURLOPT_READDATA, (void *)x);
+#if ENOS_ONCE_PREREQ
+  SETOPT(CURLOPT_PREREQFUNCTION, on_prereq);
+  SETOPT(CURLOPT_PREREQDATA, (void *)x);
+#endif
   SETOPT(CURLOPT_PRIVATE, (void *)x);
   return NULL;
 }
@@ -259,10 +281,7 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   }
   lua_pop(L, 1);
   timeout_ms = opt_ms(L, idx, "timeout", o->timeout_ms);
-  /* A request that must not be sent twice (`once`): libcurl silently re-sends
-   * a request whose reused connection died before any reply, which for a
-   * replace that was applied would apply it again. Its body goes through
-   * on_read, which libcurl cannot rewind, so that re-send fails instead. */
+  /* a request that must not be sent twice (see on_prereq) */
   lua_getfield(L, idx, "once");
   once = lua_toboolean(L, -1);
   lua_pop(L, 1);
@@ -312,7 +331,9 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   x->body.len = 0; x->body.overflow = 0;
   x->hdrs.len = 0; x->hdrs.overflow = 0;
   x->errbuf[0] = '\0';
+  x->once = once; x->attempts = 0; x->refused_resend = 0;
   x->upload.len = 0; x->upload_pos = 0;
+  if (ENOS_ONCE_PREREQ) once = 0;              /* the body goes as usual; on_prereq guards */
   if (once && body != NULL && bodylen > 0 && !enos_buf_append(&x->upload, body, bodylen))
     return "out of memory copying the request body";
 
@@ -362,7 +383,7 @@ int enos_xfer_finish(lua_State *L, enos_xfer *x, CURLcode rc) {
   curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
   curl_easy_getinfo(x->curl, CURLINFO_REQUEST_SIZE, &reqsize);
   curl_easy_getinfo(x->curl, CURLINFO_NUM_CONNECTS, &nconn);
-  if (rc == CURLE_SEND_FAIL_REWIND) {
+  if (rc == CURLE_SEND_FAIL_REWIND || (rc == CURLE_ABORTED_BY_CALLBACK && x->refused_resend)) {
     /* libcurl wanted to re-send a `once` request: it may have been applied */
     enos_push_errtable(L, "transport", NULL);
     lua_pushliteral(L, "the connection closed before any reply; the request may have been applied (not re-sent)");

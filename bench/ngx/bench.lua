@@ -12,7 +12,9 @@ local H = N.H
 local sim = dofile("spec/sim_helper.lua")
 
 local function env_num(name, default) return tonumber(os.getenv(name) or "") or default end
-local DEVICES = env_num("BENCH_NGX_DEVICES", 12000)
+-- enough that no throughput run runs out of devices (a replace of a device already replaced is a 4xx,
+-- which is fast and would inflate the rate): 8,000 a second for each of the 4 runs, plus the latency runs
+local DEVICES = env_num("BENCH_NGX_DEVICES", 200000)
 local LATENCY = env_num("BENCH_NGX_LATENCY_MS", 200)
 local INFLIGHT = env_num("BENCH_NGX_INFLIGHT", 50)
 local CONC = env_num("BENCH_NGX_CONCURRENCY", 32)
@@ -117,7 +119,7 @@ local bl_rep, bl_health = blocking_run("curl")
 local function throughput(label, transport, workers, extra)
   local e = start_example(transport, workers, extra)
   warm(e)
-  local first = take(math.min(3000 * SECONDS, math.floor((DEVICES - next_device) / 3)))
+  local first = take(math.min(8000 * SECONDS, math.floor((DEVICES - next_device) / 3)))
   local out = H.sh(wrk_cmd(e.url, { mode = "replace", first = first, conns = CONC, threads = 2, seconds = SECONDS,
     key_prefix = "TP" .. workers .. label:sub(1, 1) .. "-" }))
   stop(e)
@@ -157,13 +159,18 @@ for _, row in ipairs(rows) do
 end
 print(("\n## nginx: POST /replace throughput, wrk concurrency %d, %d s, each request a different device (no fault)\n")
   :format(CONC, SECONDS))
-print("| workflow | transport | nginx workers | replaces/s | EnOS calls per replace | p50 | p99 | non-2xx | errors |")
+print("| workflow | transport | nginx workers | replaces/s (2xx) | EnOS calls per replace | p50 | p99 | non-2xx | errors |")
 print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+local bad = 0
 for _, r in ipairs(tp) do
   local calls = r.label == "replace only" and 2 or 3
   print(("| %s | %s | %d | %.0f | %d | %s | %s | %d | %d |"):format(r.label, r.transport == "ngx" and "cosocket" or "libcurl",
-    r.workers, r.requests / (r.duration_us / 1e6), calls, ms(r.p50), ms(r.p99), r.non2xx,
+    r.workers, (r.requests - r.non2xx) / (r.duration_us / 1e6), calls, ms(r.p50), ms(r.p99), r.non2xx,
     r.timeouts + r.connect_errors + r.read_errors))
+  bad = bad + r.non2xx + r.timeouts + r.connect_errors + r.read_errors
+end
+if bad > 0 then
+  print("\n**Warning:** some replaces failed in a run without faults (see non-2xx and errors): the rate counts 2xx only.")
 end
 print(("\n(%d CPUs shared by wrk, the example nginx and a 2-worker simulator; full workflow = preflight get, " ..
   "replace, verify get (the newDeviceKey search is off: the simulator scans for it); replace only = get, replace)"):format(
