@@ -176,12 +176,12 @@ static size_t on_body(char *p, size_t size, size_t nmemb, void *ud) {
 
 /* A request marked `once` must never be sent twice: libcurl silently re-sends a
  * request whose reused connection died before any reply, which for a replace
- * the server applied would apply it again. libcurl >= 7.80 calls the pre-request
+ * the server applied would apply it again. libcurl calls the pre-request
  * callback before every attempt: the second attempt of a `once` request is
- * aborted there. Older libcurl: its body is fed through a read callback with no
- * seek callback, so libcurl cannot rewind it for the re-send and fails instead. */
-#if LIBCURL_VERSION_NUM >= 0x075000
-#define ENOS_ONCE_PREREQ 1
+ * aborted there (and reported as possibly applied). */
+#if LIBCURL_VERSION_NUM < 0x075000
+#error "enos needs libcurl >= 7.80 (CURLOPT_PREREQFUNCTION)"
+#endif
 static int on_prereq(void *ud, char *primary_ip, char *local_ip, int primary_port, int local_port) {
   enos_xfer *x = ud;
   (void)primary_ip; (void)local_ip; (void)primary_port; (void)local_port;
@@ -191,18 +191,6 @@ static int on_prereq(void *ud, char *primary_ip, char *local_ip, int primary_por
     return CURL_PREREQFUNC_ABORT;
   }
   return CURL_PREREQFUNC_OK;
-}
-#else
-#define ENOS_ONCE_PREREQ 0
-#endif
-
-static size_t on_read(char *p, size_t size, size_t nmemb, void *ud) {
-  enos_xfer *x = ud;
-  size_t room = size * nmemb, left = x->upload.len - x->upload_pos;
-  size_t n = left < room ? left : room;
-  if (n > 0) memcpy(p, x->upload.data + x->upload_pos, n);
-  x->upload_pos += n;
-  return n;
 }
 
 static size_t on_header(char *p, size_t size, size_t nmemb, void *ud) {
@@ -242,12 +230,8 @@ const char *enos_xfer_init(enos_xfer *x, const enos_http_opts *o) {
   SETOPT(CURLOPT_WRITEDATA, &x->body);
   SETOPT(CURLOPT_HEADERFUNCTION, on_header);
   SETOPT(CURLOPT_HEADERDATA, &x->hdrs);
-  SETOPT(CURLOPT_READFUNCTION, on_read);
-  SETOPT(CURLOPT_READDATA, (void *)x);
-#if ENOS_ONCE_PREREQ
   SETOPT(CURLOPT_PREREQFUNCTION, on_prereq);
   SETOPT(CURLOPT_PREREQDATA, (void *)x);
-#endif
   SETOPT(CURLOPT_PRIVATE, (void *)x);
   return NULL;
 }
@@ -259,7 +243,6 @@ void enos_xfer_free(enos_xfer *x) {
   x->slist = NULL;
   enos_buf_free(&x->body);
   enos_buf_free(&x->hdrs);
-  enos_buf_free(&x->upload);
 }
 
 const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_http_opts *o, int copy_body) {
@@ -332,10 +315,6 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   x->hdrs.len = 0; x->hdrs.overflow = 0;
   x->errbuf[0] = '\0';
   x->once = once; x->attempts = 0; x->refused_resend = 0;
-  x->upload.len = 0; x->upload_pos = 0;
-  if (ENOS_ONCE_PREREQ) once = 0;              /* the body goes as usual; on_prereq guards */
-  if (once && body != NULL && bodylen > 0 && !enos_buf_append(&x->upload, body, bodylen))
-    return "out of memory copying the request body";
 
   if (curl_easy_setopt(x->curl, CURLOPT_URL, url) != CURLE_OK ||
       curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, x->slist) != CURLE_OK ||
@@ -344,12 +323,6 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
     return "libcurl rejected the URL or an option";
   if (strcmp(method, "GET") == 0 && body == NULL) {
     if (curl_easy_setopt(x->curl, CURLOPT_HTTPGET, 1L) != CURLE_OK) return "libcurl rejected GET";
-  } else if (once) {
-    if (curl_easy_setopt(x->curl, CURLOPT_POST, 1L) != CURLE_OK ||
-        curl_easy_setopt(x->curl, CURLOPT_POSTFIELDS, (char *)NULL) != CURLE_OK ||
-        curl_easy_setopt(x->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)x->upload.len) != CURLE_OK ||
-        (strcmp(method, "POST") != 0 && curl_easy_setopt(x->curl, CURLOPT_CUSTOMREQUEST, method) != CURLE_OK))
-      return "libcurl rejected the request body";
   } else {
     if (curl_easy_setopt(x->curl, CURLOPT_POST, 1L) != CURLE_OK ||
         curl_easy_setopt(x->curl, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)bodylen) != CURLE_OK ||
@@ -383,7 +356,7 @@ int enos_xfer_finish(lua_State *L, enos_xfer *x, CURLcode rc) {
   curl_easy_setopt(x->curl, CURLOPT_HTTPHEADER, (struct curl_slist *)NULL);
   curl_easy_getinfo(x->curl, CURLINFO_REQUEST_SIZE, &reqsize);
   curl_easy_getinfo(x->curl, CURLINFO_NUM_CONNECTS, &nconn);
-  if (rc == CURLE_SEND_FAIL_REWIND || (rc == CURLE_ABORTED_BY_CALLBACK && x->refused_resend)) {
+  if (rc == CURLE_ABORTED_BY_CALLBACK && x->refused_resend) {
     /* libcurl wanted to re-send a `once` request: it may have been applied */
     enos_push_errtable(L, "transport", NULL);
     lua_pushliteral(L, "the connection closed before any reply; the request may have been applied (not re-sent)");

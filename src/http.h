@@ -17,8 +17,6 @@ typedef struct {
 typedef struct {
   CURL *curl;
   enos_buf body, hdrs;
-  enos_buf upload;             /* the body of a request that must not be re-sent (old libcurl) */
-  size_t upload_pos;
   int once, attempts, refused_resend;   /* a `once` request: how often libcurl set out to send it */
   struct curl_slist *slist;
   char errbuf[CURL_ERROR_SIZE];
