@@ -508,8 +508,8 @@ function M.run(client, plan, opts)
   -- Group commit. Each turn writes what rows produced (credentials first, then the journal), and
   -- when no fsync is under way hands one of each file to the worker thread (in that order), so the
   -- disk never stalls the event loop. Rows waiting for "journal" go on once their record is synced.
-  -- (A crash between the two fsyncs leaves a done row without its credentials line: resume
-  -- recovers it from the journal's encrypted pair.)
+  -- (A power loss that keeps the journal's page but not the credentials' leaves a done row without
+  -- its credentials line: resume recovers it from the journal's encrypted pair.)
   local syncing, sync_err = false, nil
   local async = sched.multi.fsync ~= nil
   local function commit()

@@ -224,7 +224,10 @@ function Sched:step(max_wait)
   if #self.waiting > 0 then wait = math.min(wait, 0.01) end
   -- (tasks waiting on a signal are woken by signal(), e.g. from a worker job's callback: a job's
   -- completion ends the wait.) before_wait lets the owner hand work over first (a group commit).
-  if self.before_wait then self.before_wait() end
+  if self.before_wait then
+    self.before_wait()
+    if #self.ready > 0 then wait = 0 end     -- it woke someone: do not sleep on them
+  end
   self:_collect(wait)
   return true
 end
