@@ -228,6 +228,39 @@ describe("batch against the simulator", function()
     assert.equal(d.data and d.data.deviceSecret or d.deviceSecret, found[5])
   end)
 
+  it("credentials lines lost after the journal said done (a power cut) are re-written on resume, once", function()
+    local plan = dir .. "/cut.csv"
+    H.writefile(plan, "assetId,newDeviceKey\nA0000021,NEW-00021\nA0000022,NEW-00022\nA0000023,NEW-00023\n" ..
+      "A0000024,NEW-00024\n")
+    local journal, out = dir .. "/jcut", dir .. "/ccut.csv"
+    local s = assert(batch.run(client(), plan, { journal = journal, out = out }))
+    assert.equal(4, s.done)
+    -- the disk kept the journal but only the header and the first row of the credentials file
+    local lines = {}
+    for line in io.lines(out) do lines[#lines + 1] = line end
+    H.writefile(out, lines[1] .. "\n" .. lines[2] .. "\n", "600")
+    local function replaces()
+      local n = 0
+      for _, e in ipairs(h:log()) do if e.op == "replaceDevice" then n = n + 1 end end
+      return n
+    end
+    local before = replaces()
+    local r = assert(batch.run(client(), plan, { journal = journal, out = out, resume = true }))
+    assert.equal(4, r.skipped)
+    assert.equal(before, replaces())          -- recovered from the journal, nothing replaced again
+    local seen = {}
+    for line in io.lines(out) do
+      local cells = require("enos.plan").split_csv(line)
+      if cells[2] ~= "assetId" then
+        assert.is_nil(seen[cells[2]], cells[2] .. " written twice")
+        local _, d = h:admin("GET", "/devices/" .. cells[2])
+        assert.equal(d.data.deviceSecret, cells[5])
+        seen[cells[2]] = true
+      end
+    end
+    for i = 21, 24 do assert.is_true(seen[("A%07d"):format(i)], "missing A00000" .. i) end
+  end)
+
   it("records a row that fails for good and goes on", function()
     local plan = dir .. "/conflict.csv"
     -- row 2 wants a key another device of the product already has

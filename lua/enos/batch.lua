@@ -374,6 +374,7 @@ function M.run(client, plan, opts)
     while journal.synced < seq do sched:wait_signal("journal") end
   end
 
+  local cred_only = false     -- credentials written whose secret is in no journal record
   local function deliver(row, new, outcome)
     if not cred or present[new.deviceKey] then return end
     local enc = new.encrypted or {}
@@ -383,6 +384,8 @@ function M.run(client, plan, opts)
     rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
     if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
     cred:add(rec)
+    -- a secret the journal does not hold (encrypted) must be on disk before the journal says done
+    if rec.deviceSecret and not new.encrypted then cred_only = true end
   end
 
   local function result(row, outcome, assetId, e)
@@ -506,10 +509,11 @@ function M.run(client, plan, opts)
   end
 
   -- Group commit. Each turn writes what rows produced (credentials first, then the journal), and
-  -- when no fsync is under way hands one of each file to the worker thread (in that order), so the
-  -- disk never stalls the event loop. Rows waiting for "journal" go on once their record is synced.
-  -- (A power loss that keeps the journal's page but not the credentials' leaves a done row without
-  -- its credentials line: resume recovers it from the journal's encrypted pair.)
+  -- when no fsync is under way hands the files to the worker thread (in that order), so the disk
+  -- never stalls the event loop. Rows waiting for "journal" go on once their record is synced.
+  -- The credentials file is fsynced with the group only when it holds a secret the journal does
+  -- not (V2.1's plain secrets): a done row whose credentials line a power loss took is otherwise
+  -- recovered on resume from the journal's encrypted pair. It is always fsynced at the end.
   local syncing, sync_err = false, nil
   local async = sched.multi.fsync ~= nil
   local function commit()
@@ -517,14 +521,16 @@ function M.run(client, plan, opts)
     assert(results:flush(false))        -- a report: written as rows finish, fsynced at the end
     assert(journal:write())
     if journal.written <= journal.synced or syncing then return end
+    local sync_cred = cred and cred_only
+    cred_only = false
     if not async then
-      if cred then assert(cred.f:sync()) end
+      if sync_cred then assert(cred.f:sync()) end
       assert(journal:flush())
       sched:signal("journal")
       return
     end
     syncing = true
-    local upto, left = journal.written, cred and 2 or 1
+    local upto, left = journal.written, sync_cred and 2 or 1
     local function done(ok, err)
       if not ok then sync_err = err or "fsync failed" end
       left = left - 1
@@ -534,7 +540,7 @@ function M.run(client, plan, opts)
       journal.fsyncs = journal.fsyncs + 1
       sched:signal("journal")
     end
-    if cred then sched:fsync(cred.f, done) end
+    if sync_cred then sched:fsync(cred.f, done) end
     sched:fsync(journal.f, done)
   end
 
