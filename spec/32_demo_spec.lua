@@ -18,6 +18,8 @@ describe("make demo", function()
     -- ("[n]ginx" keeps pgrep from matching its own command line)
     local running = H.sh("pgrep -f '[n]ginx.*" .. prefix .. "' || true")
     assert.equal("", running)
+    -- and its prefix directory (config, CA key, logs) is removed
+    assert.is_nil(io.open(prefix .. "/conf/nginx.conf"), "the simulator's prefix was left behind")
     -- the masked secret is all the demo shows of it
     assert.matches("new secret %w%w\226\128\162[^ ]*%w%w %(decrypted", out)
   end)

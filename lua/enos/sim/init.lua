@@ -413,7 +413,8 @@ local function wait_gone(pids, secs)
 end
 
 --- Stop the simulator of a prefix: QUIT (graceful), then TERM, then KILL; waits for every
--- nginx process of it to exit. Safe when nothing runs. Returns true, "stopped"|"not running".
+-- nginx process of it to exit. Safe when nothing runs. opts: timeout (s, for the graceful stop),
+-- clean (also remove the prefix directory). Returns true, "stopped"|"not running".
 function M.stop(prefix, opts)
   opts = opts or {}
   if not prefix then return nil, "enos-sim: stop needs --prefix" end
@@ -421,6 +422,7 @@ function M.stop(prefix, opts)
   local pid = read_pid(prefix)
   if not pid or not M.alive(pid) then
     os.remove(prefix .. "/logs/nginx.pid")
+    if opts.clean then M.remove_prefix(prefix) end
     return true, "not running"
   end
   local all = children(pid)
@@ -432,6 +434,7 @@ function M.stop(prefix, opts)
     local wait = sig == "QUIT" and (opts.timeout or 5) or 3
     if wait_gone(all, wait) then
       os.remove(prefix .. "/logs/nginx.pid")
+      if opts.clean then M.remove_prefix(prefix) end
       return true, "stopped"
     end
   end
