@@ -10,14 +10,7 @@ local cjson = require "cjson"
 
 local url, ak, sk, org, rows, conc, first, keyfile, mode = arg[1], arg[2], arg[3], arg[4], tonumber(arg[5]),
   tonumber(arg[6]), tonumber(arg[7]), arg[8], arg[9]
-local dir = os.tmpname()
-os.remove(dir)
-os.execute("mkdir -p " .. dir)
-local plan = dir .. "/plan.csv"
-local f = assert(io.open(plan, "w"))
-f:write("productKey,deviceKey,newDeviceKey\n")
-for i = first, first + rows - 1 do f:write(("pk_demo,OLD-%07d,NEW-%07d\n"):format(i, i)) end
-f:close()
+local dir, plan = dofile(here .. "/bench/plan.lua")(first, rows)
 
 local function vmhwm()
   for line in io.lines("/proc/self/status") do

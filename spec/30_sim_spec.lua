@@ -101,15 +101,8 @@ describe("enos-sim", function()
     assert.equal(200, st)
   end)
 
-  local function seed(dev)
-    local st, r = h:admin("POST", "/devices", dev)
-    assert.equal(200, st, cjson.encode(r))
-    return r.data[1]
-  end
-  local function admin_dev(asset_id)
-    local _, r = h:admin("GET", "/devices/" .. asset_id)
-    return r.data
-  end
+  local function seed(dev) return h:seed(dev) end
+  local function admin_dev(asset_id) return h:device(asset_id) end
 
   describe("token service", function()
     it("issues a token and returns the same one while it is valid", function()
@@ -634,14 +627,12 @@ describe("enos-sim over TLS with another scheme", function()
   end)
 
   it("encrypts with OAEP / AES-256-GCM / base64 key / base64url", function()
-    local _, s = h:admin("POST", "/devices", { productKey = "pk_demo", deviceKey = "tls_dev" })
-    local dev = s.data[1]
+    local dev = h:seed { productKey = "pk_demo", deviceKey = "tls_dev" }
     local _, r = h:call("POST", DEV, { action = "replaceDevice", orgId = ORG, assetId = dev.assetId },
       { newDeviceKey = "tls_dev_new", requireSecret = true })
     assert.equal(0, r.code)
     assert.is_nil(r.data.deviceSecret:find("[=+/]"))
-    local _, a = h:admin("GET", "/devices/" .. dev.assetId)
-    assert.equal(a.data.deviceSecret, decrypt(scheme, priv, r.data.deviceSecret, r.data.sessionKey))
+    assert.equal(h:device(dev.assetId).deviceSecret, decrypt(scheme, priv, r.data.deviceSecret, r.data.sessionKey))
   end)
 end)
 

@@ -37,15 +37,8 @@ describe("enos-replace against the simulator", function()
     for _, d in ipairs(select(2, h:admin("GET", "/devices")).data or {}) do seen_secrets[d.deviceSecret] = true end
   end)
 
-  local function seed(d)
-    local st, r = h:admin("POST", "/devices", d)
-    assert.equal(200, st, cjson.encode(r))
-    return r.data[1]
-  end
-  local function device(asset)
-    local _, r = h:admin("GET", "/devices/" .. asset)
-    return r.data
-  end
+  local function seed(d) return h:seed(d) end
+  local function device(asset) return h:device(asset) end
   local function replaces()
     local n = 0
     for _, e in ipairs(h:log()) do if e.op == "replaceDevice" then n = n + 1 end end

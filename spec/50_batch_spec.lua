@@ -217,7 +217,7 @@ describe("batch against the simulator", function()
     local r = assert(batch.run(c, plan, { journal = journal, out = out, resume = true, settle_ms = 10 }))
     assert.equal(1, r.reconciled)
     assert.equal(0, r.failed)
-    local _, d = h:admin("GET", "/devices/A0000012")
+    local d = h:device("A0000012")
     local found
     for line in io.lines(out) do
       local cells = require("enos.plan").split_csv(line)
@@ -225,7 +225,7 @@ describe("batch against the simulator", function()
     end
     assert.is_table(found, "no credentials for A0000012 after resume")
     assert.equal("NEW-00012", found[4])
-    assert.equal(d.data and d.data.deviceSecret or d.deviceSecret, found[5])
+    assert.equal(d.deviceSecret, found[5])
   end)
 
   it("credentials lines lost after the journal said done (a power cut) are re-written on resume, once", function()
@@ -253,8 +253,7 @@ describe("batch against the simulator", function()
       local cells = require("enos.plan").split_csv(line)
       if cells[2] ~= "assetId" then
         assert.is_nil(seen[cells[2]], cells[2] .. " written twice")
-        local _, d = h:admin("GET", "/devices/" .. cells[2])
-        assert.equal(d.data.deviceSecret, cells[5])
+        assert.equal(h:device(cells[2]).deviceSecret, cells[5])
         seen[cells[2]] = true
       end
     end

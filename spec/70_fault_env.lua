@@ -144,29 +144,11 @@ local function start_nginx(prefix, sim_port, certs_dir)
   }
 ]]):format(ports[name], certs_dir, name, certs_dir, name, sim_port)
   end
-  sh("mkdir -p " .. prefix .. "/logs")
-  H.writefile(prefix .. "/nginx.conf", ([[
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes 1;
-daemon on;
-pid %s/nginx.pid;
-error_log %s/logs/error.log error;
-events { worker_connections 256; }
-http {
-  access_log off;
+  H.run_nginx(prefix, ([[
   lua_shared_dict front 1m;
   client_body_buffer_size 1m;
   subrequest_output_buffer_size 1m;
-%s
-}
-]]):format(prefix, prefix, table.concat(servers)))
-  sh(("nginx -p %s -c %s/nginx.conf -e %s/logs/error.log"):format(prefix, prefix, prefix))
-  for _ = 1, 50 do
-    local ok = os.execute(("curl -s -o /dev/null http://127.0.0.1:%d/ 2>/dev/null"):format(ports.front))
-    if ok == true or ok == 0 then break end
-    os.execute("sleep 0.05")
-  end
+%s]]):format(table.concat(servers)), ("http://127.0.0.1:%d/"):format(ports.front), "error")
   return ports
 end
 

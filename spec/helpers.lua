@@ -179,7 +179,6 @@ end
 -- Returns {url, prefix, stop = function}.
 function H.nginx(locations, tls)
   local prefix = H.tmpdir()
-  H.sh("mkdir -p " .. prefix .. "/logs")
   local port = H.free_port()
   local listen = ("listen 127.0.0.1:%d;"):format(port)
   local extra = ""
@@ -189,16 +188,7 @@ function H.nginx(locations, tls)
     listen = ("listen 127.0.0.1:%d ssl;"):format(port)
     extra = ("ssl_certificate %s/cert.pem; ssl_certificate_key %s/key.pem;"):format(prefix, prefix)
   end
-  local conf = ([[
-load_module /usr/lib/nginx/modules/ndk_http_module.so;
-load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
-worker_processes 1;
-daemon on;
-pid %s/nginx.pid;
-error_log %s/logs/error.log warn;
-events { worker_connections 256; }
-http {
-  access_log off;
+  H.run_nginx(prefix, ([[
   lua_package_path "/usr/share/lua/5.1/?.lua;;";
   keepalive_requests 1000;
   server {
@@ -206,10 +196,7 @@ http {
     %s
     %s
   }
-}
-]]):format(prefix, prefix, listen, extra, locations)
-  H.writefile(prefix .. "/nginx.conf", conf)
-  H.sh(("nginx -p %s -c %s/nginx.conf -e %s/logs/error.log"):format(prefix, prefix, prefix))
+]]):format(listen, extra, locations), ("%s://127.0.0.1:%d/"):format(tls and "https" or "http", port), "warn")
   local scheme = tls and "https" or "http"
   local srv = { url = ("%s://127.0.0.1:%d"):format(scheme, port), prefix = prefix,
     cert = tls and prefix .. "/cert.pem" or nil }
@@ -219,13 +206,33 @@ http {
     H.stop_pidfile(prefix .. "/nginx.pid")
     os.execute("rm -rf " .. prefix)
   end
-  -- wait until it answers
+  return srv
+end
+
+-- Writes <prefix>/nginx.conf (one worker with the Lua module, daemon, access log off) with
+-- `http_body` inside http {}, starts nginx and waits until probe_url answers. Stop it with
+-- H.stop_pidfile(prefix .. "/nginx.pid").
+function H.run_nginx(prefix, http_body, probe_url, log_level)
+  H.sh("mkdir -p " .. prefix .. "/logs")
+  H.writefile(prefix .. "/nginx.conf", ([[
+load_module /usr/lib/nginx/modules/ndk_http_module.so;
+load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
+worker_processes 1;
+daemon on;
+pid %s/nginx.pid;
+error_log %s/logs/error.log %s;
+events { worker_connections 256; }
+http {
+  access_log off;
+%s
+}
+]]):format(prefix, prefix, log_level or "warn", http_body))
+  H.sh(("nginx -p %s -c %s/nginx.conf -e %s/logs/error.log"):format(prefix, prefix, prefix))
   for _ = 1, 50 do
-    local ok = os.execute(("curl -sk -o /dev/null %s/ 2>/dev/null"):format(srv.url))
+    local ok = os.execute(("curl -sk -o /dev/null %s 2>/dev/null"):format(probe_url))
     if ok == true or ok == 0 then break end
     os.execute("sleep 0.05")
   end
-  return srv
 end
 
 return H

@@ -136,6 +136,19 @@ function Handle:admin(method, path, body)
   return st, st and decode(raw) or raw
 end
 
+--- Adds a device through the admin API (asserting it was accepted); returns it.
+function Handle:seed(dev)
+  local st, r = self:admin("POST", "/devices", dev)
+  assert(st == 200, "seeding a device failed: " .. tostring(st) .. " " .. cjson.encode(r))
+  return r.data[1]
+end
+
+--- A device as the simulator holds it (with its clear deviceSecret), or nil.
+function Handle:device(asset_id)
+  local _, r = self:admin("GET", "/devices/" .. asset_id)
+  return type(r) == "table" and r.data or nil
+end
+
 --- The request log (entries after seq `since`).
 function Handle:log(since)
   local _, r = self:admin("GET", "/log?since=" .. (since or 0))

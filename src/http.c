@@ -269,37 +269,31 @@ const char *enos_xfer_prepare(lua_State *L, int idx, enos_xfer *x, const enos_ht
   once = lua_toboolean(L, -1);
   lua_pop(L, 1);
 
-  /* Header lines are checked first (a misuse raises before the curl_slist
-   * is touched), then formatted into a C buffer for curl_slist_append. */
+  /* Header lines, checked and formatted in one pass. A misuse raises with the
+   * list half built: it stays in x->slist, which the next prepare frees. */
+  slist_free_cleansed(x->slist);
+  x->slist = NULL;
   lua_getfield(L, idx, "headers");
   if (!lua_isnil(L, -1)) {
+    char line[8200];
     luaL_checktype(L, -1, LUA_TTABLE);
     lua_pushnil(L);
     while (lua_next(L, -2) != 0) {
+      struct curl_slist *nl;
+      size_t kn = 0, vn = 0;
+      const char *k, *v;
+      int n;
       if (lua_type(L, -2) != LUA_TSTRING || lua_type(L, -1) != LUA_TSTRING)
         luaL_error(L, "request headers must be {name = string}");
-      if (strpbrk(lua_tostring(L, -1), "\r\n") || strpbrk(lua_tostring(L, -2), "\r\n:"))
-        luaL_error(L, "request header '%s' contains a line break or colon", lua_tostring(L, -2));
-      {
-        size_t kn = 0, vn = 0;
-        lua_tolstring(L, -2, &kn);
-        lua_tolstring(L, -1, &vn);
-        if (kn + vn > 8000) luaL_error(L, "request header '%s' is too long", lua_tostring(L, -2));
-      }
+      k = lua_tolstring(L, -2, &kn);
+      v = lua_tolstring(L, -1, &vn);
+      if (strpbrk(v, "\r\n") || strpbrk(k, "\r\n:"))
+        luaL_error(L, "request header '%s' contains a line break or colon", k);
+      if (kn + vn > 8000) luaL_error(L, "request header '%s' is too long", k);
+      n = snprintf(line, sizeof line, "%s: %s", k, v);     /* fits: checked above */
       lua_pop(L, 1);
-    }
-  }
-  slist_free_cleansed(x->slist);
-  x->slist = NULL;
-  if (!lua_isnil(L, -1)) {
-    char line[8200];
-    lua_pushnil(L);
-    while (lua_next(L, -2) != 0) {
-      struct curl_slist *nl;
-      int n = snprintf(line, sizeof line, "%s: %s", lua_tostring(L, -2), lua_tostring(L, -1));
-      lua_pop(L, 1);
-      nl = (n > 0 && (size_t)n < sizeof line) ? curl_slist_append(x->slist, line) : NULL;
-      if (n > 0) enos_cleanse(line, (size_t)n < sizeof line ? (size_t)n : sizeof line);   /* it held the token */
+      nl = n > 0 ? curl_slist_append(x->slist, line) : NULL;
+      if (n > 0) enos_cleanse(line, (size_t)n);            /* it held the token */
       if (nl == NULL) { lua_pop(L, 2); return "out of memory building headers"; }
       x->slist = nl;
     }

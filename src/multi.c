@@ -115,9 +115,10 @@ static int multi_add(lua_State *L) {
   return 1;
 }
 
-static enos_job *new_job(lua_State *L, int kind) {
+/* A job with nothing to release yet; NULL when out of memory (the caller frees what it holds). */
+static enos_job *new_job(int kind) {
   enos_job *j = calloc(1, sizeof *j);
-  if (j == NULL) luaL_error(L, "enos: out of memory");
+  if (j == NULL) return NULL;
   j->kind = kind;
   j->fd = -1;
   return j;
@@ -141,10 +142,8 @@ static int multi_decrypt(lua_State *L) {
   enos_job *j;
   memset(&a, 0, sizeof a);
   enos_decrypt_read_args(L, 2, &a);          /* raises before anything is allocated */
-  j = calloc(1, sizeof *j);
+  j = new_job(ENOS_JOB_DECRYPT);
   if (j == NULL) { enos_decrypt_args_free(&a); return luaL_error(L, "enos: out of memory"); }
-  j->kind = ENOS_JOB_DECRYPT;
-  j->fd = -1;
   j->d = a;
   return submit(L, m, j);
 }
@@ -154,7 +153,8 @@ static int multi_decrypt(lua_State *L) {
 static int multi_fsync(lua_State *L) {
   enos_multi *m = check_multi(L, 1);
   int fd = enos_file_fd(L, 2);
-  enos_job *j = new_job(L, ENOS_JOB_FSYNC);
+  enos_job *j = new_job(ENOS_JOB_FSYNC);
+  if (j == NULL) return luaL_error(L, "enos: out of memory");
   j->fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (j->fd < 0) {
     int e = errno;

@@ -84,21 +84,18 @@ function Out:add(rec)
   end
 end
 
--- Writes what is buffered; fsyncs too when `sync` (the credentials, before the journal says done).
-function Out:flush(sync)
+-- Writes what is buffered (made durable by the batch's group commit, and at close).
+function Out:flush()
   if #self.buf == 0 then return true end
   local data = table.concat(self.buf)
   self.buf = {}
-  local ok, err = self.f:write(data)
-  if ok and sync then ok, err = self.f:sync() end
-  self.dirty = not sync
-  return ok, err
+  return self.f:write(data)
 end
 
 function Out:close()
   if self.f then
-    self:flush(true)
-    if self.dirty then self.f:sync() end
+    self:flush()
+    self.f:sync()
     self.f:close()
     self.f = nil
   end
@@ -418,21 +415,16 @@ function M.run(client, plan, opts)
     local ident = prev.assetId and { assetId = prev.assetId, orgId = t.orgId }
       or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
       or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
-    local d
+    ident.requireSecret = require_secret or nil
     for attempt = 1, 3 do
-      local err
-      d, err = client:get_device(ident)
-      if d then break end
-      if err.kind == "not_found" then return nil end
-      sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
-    end
-    if not d then return false end
-    if d.deviceKey ~= t.newDeviceKey then return nil end
-    if not require_secret then return d end
-    -- replaced: the row is only done once its secret is in hand (else resume again)
-    for attempt = 1, 3 do
-      local s = client:get_device { assetId = d.assetId, orgId = t.orgId, requireSecret = true }
-      if s and s.deviceKey == t.newDeviceKey and (s.deviceSecret or s.encrypted) then return s end
+      local d, err = client:get_device(ident)
+      if d then
+        if d.deviceKey ~= t.newDeviceKey then return nil end
+        -- replaced: the row is only done once its secret is in hand (else resume again)
+        if not require_secret or d.deviceSecret or d.encrypted then return d end
+      elseif err.kind == "not_found" then
+        return nil
+      end
       sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
     end
     return false
@@ -515,20 +507,13 @@ function M.run(client, plan, opts)
   -- not (V2.1's plain secrets): a done row whose credentials line a power loss took is otherwise
   -- recovered on resume from the journal's encrypted pair. It is always fsynced at the end.
   local syncing, sync_err = false, nil
-  local async = sched.multi.fsync ~= nil
   local function commit()
-    if cred then assert(cred:flush(false)) end
-    assert(results:flush(false))        -- a report: written as rows finish, fsynced at the end
+    if cred then assert(cred:flush()) end
+    assert(results:flush())             -- a report: written as rows finish, fsynced at the end
     assert(journal:write())
     if journal.written <= journal.synced or syncing then return end
     local sync_cred = cred and cred_only
     cred_only = false
-    if not async then
-      if sync_cred then assert(cred.f:sync()) end
-      assert(journal:flush())
-      sched:signal("journal")
-      return
-    end
     syncing = true
     local upto, left = journal.written, sync_cred and 2 or 1
     local function done(ok, err)

@@ -658,12 +658,17 @@ function Client:prepare(call, params)
   return self:_sign(spec, token)
 end
 
+-- Checks p, builds the call `name` and sends it: data, envelope | nil, err.
+local function call(self, name, p)
+  if type(p) ~= "table" then error("enos: " .. name .. " expects a table of parameters", 3) end
+  local spec, err = CALLS[name](self, p)
+  if not spec then return nil, err end
+  return self:_call(spec)
+end
+
 --- Replace Device: moves the asset to newDeviceKey and returns the new credentials.
 function Client:replace_device(p)
-  if type(p) ~= "table" then error("enos: replace_device expects a table of parameters", 2) end
-  local spec, err = CALLS.replace_device(self, p)
-  if not spec then return nil, err end
-  local data, env = self:_call(spec)
+  local data, env = call(self, "replace_device", p)
   if not data then return nil, env end
   if type(data) ~= "table" or type(data.assetId) ~= "string" or type(data.deviceKey) ~= "string" then
     return nil, errors.new("protocol", "replaceDevice reply has no assetId/deviceKey", { request_id = env.requestId })
@@ -678,10 +683,7 @@ end
 
 --- Get Device: the Device table with EnOS's field names (secret decrypted when asked).
 function Client:get_device(p)
-  if type(p) ~= "table" then error("enos: get_device expects a table of parameters", 2) end
-  local spec, err = CALLS.get_device(self, p)
-  if not spec then return nil, err end
-  local data, env = self:_call(spec)
+  local data, env = call(self, "get_device", p)
   if not data then return nil, env end
   if type(data) ~= "table" then return nil, errors.new("protocol", "get reply has no device", { request_id = env.requestId }) end
   setmetatable(data, Result)
@@ -692,10 +694,7 @@ end
 
 --- Search Device: list, pagination | nil, err.
 function Client:search_devices(p)
-  if type(p) ~= "table" then error("enos: search_devices expects a table of parameters", 2) end
-  local spec, err = CALLS.search_devices(self, p)
-  if not spec then return nil, err end
-  local data, env = self:_call(spec)
+  local data, env = call(self, "search_devices", p)
   if not data then return nil, env end
   if type(data) ~= "table" then data = {} end
   for _, d in ipairs(data) do setmetatable(d, Result) d.err = self:_recover_secret(d) end
@@ -704,20 +703,15 @@ end
 
 --- Search Sub-Device of a gateway: list | nil, err.
 function Client:search_sub_devices(p)
-  if type(p) ~= "table" then error("enos: search_sub_devices expects a table of parameters", 2) end
-  local spec, err = CALLS.search_sub_devices(self, p)
-  if not spec then return nil, err end
-  local data, env = self:_call(spec)
+  local data, env = call(self, "search_sub_devices", p)
   if not data then return nil, env end
   return type(data) == "table" and data or {}, env.pagination
 end
 
 --- Add Sub-Device to a gateway.
 function Client:add_sub_devices(p)
-  if type(p) ~= "table" then error("enos: add_sub_devices expects a table of parameters", 2) end
-  local spec, err = CALLS.add_sub_devices(self, p)
-  if not spec then return nil, err end
-  return self:_call(spec)
+  local data, env = call(self, "add_sub_devices", p)     -- (not a tail call: errors name the caller)
+  return data, env
 end
 
 --- Any other EnOS call, signed the same way: data, envelope | nil, err.

@@ -103,7 +103,7 @@ function J:flush()
   ok, err = self.f:sync()
   if not ok then return nil, err end
   self.synced = upto
-  self.fsyncs = (self.fsyncs or 0) + 1
+  self.fsyncs = self.fsyncs + 1
   return true
 end
 

@@ -132,6 +132,16 @@ local unpack = table.unpack or unpack
 
 local resume, status = coroutine.resume, coroutine.status
 
+-- Gives a task's transfer or job to the multi handle; one it refuses resumes the task with the error.
+local function hand_over(self, co, err_kind, method, ...)
+  local added, id = pcall(method, self.multi, ...)
+  if added then
+    self.by_id[id] = co
+  else
+    self.ready[#self.ready + 1] = { co, nil, { kind = err_kind, message = tostring(id) }, n = 3 }
+  end
+end
+
 -- What a resumed task did: ended (ok, results…) or yielded (true, kind, arg).
 local function after(self, co, ok, kind, arg, ...)
   if status(co) == "dead" then
@@ -149,19 +159,9 @@ local function after(self, co, ok, kind, arg, ...)
     return
   end
   if kind == SEND then
-    local added, id = pcall(self.multi.add, self.multi, arg)
-    if added then
-      self.by_id[id] = co
-    else
-      self.ready[#self.ready + 1] = { co, nil, { kind = "transport", message = tostring(id) }, n = 3 }
-    end
+    hand_over(self, co, "transport", self.multi.add, arg)
   elseif kind == JOB then
-    local added, id = pcall(self.multi.decrypt, self.multi, unpack(arg, 1, arg.n))
-    if added then
-      self.by_id[id] = co
-    else
-      self.ready[#self.ready + 1] = { co, nil, { kind = "decrypt", message = tostring(id) }, n = 3 }
-    end
+    hand_over(self, co, "decrypt", self.multi.decrypt, unpack(arg, 1, arg.n))
   elseif kind == SLEEP then
     self.sleeping[#self.sleeping + 1] = { at = self:now() + arg * 1000, co = co }
   elseif kind == WAIT then

@@ -155,6 +155,14 @@ local function paginate(list, pg)
   return page, { pageNo = no, pageSize = size, totalSize = #list }
 end
 
+-- The reply for one page of `list`, each device shown under secret_mode.
+local function reply_page(list, pagination, mode)
+  local page, pg = paginate(list, pagination)
+  if not page then return fail(pg) end
+  for i, dev in ipairs(page) do page[i] = view(dev, mode) end
+  return util.ok(util.list(page), pg)
+end
+
 local function do_search(version, app, org, body)
   local mode, err = secret_mode(version, app, body.requireSecret)
   if err then return fail(err) end
@@ -165,10 +173,7 @@ local function do_search(version, app, org, body)
   for _, dev in ipairs(store.all()) do
     if dev.orgId == org and search.match(conds, dev) then hits[#hits + 1] = dev end
   end
-  local page, pg = paginate(hits, body.pagination)
-  if not page then return fail(pg) end
-  for i, dev in ipairs(page) do page[i] = view(dev, mode) end
-  return util.ok(util.list(page), pg)
+  return reply_page(hits, body.pagination, mode)
 end
 
 local function do_replace(version, app, org, args, body)
@@ -259,10 +264,7 @@ local function do_search_sub(version, app, org, body)
     local d = store.get(a)
     if d then list[#list + 1] = d end
   end
-  local page, pg = paginate(list, body.pagination)
-  if not page then return fail(pg) end
-  for i, d in ipairs(page) do page[i] = view(d, mode) end
-  return util.ok(util.list(page), pg)
+  return reply_page(list, body.pagination, mode)
 end
 
 local function do_get_gateway(_, _, org, args, body)
