@@ -1,6 +1,7 @@
 -- Fleet-scale batch: plan checks, faults, journal, crash and resume.
 local enos = require "enos"
 local batch = require "enos.batch"
+local core = require "enos.core"
 local cjson = require "cjson"
 local H = require "helpers"
 local sim = dofile("spec/sim_helper.lua")
@@ -165,6 +166,48 @@ describe("batch against the simulator", function()
     local again, err = batch.run(c, plan, { journal = dir .. "/j500" })
     assert.is_nil(again)
     assert.matches("resume", err.message)
+  end)
+
+  it("a row counts as done only once its journal record is fsynced (the worker's group commit)", function()
+    local plan, journal = dir .. "/plan_sync.csv", dir .. "/j_sync"
+    write_plan(plan, 300)
+    -- watch the multi handle's fsync jobs: bytes of the journal known durable when each completes
+    local real_multi, durable_bytes, at_submit = core.multi, 0, {}
+    core.multi = function(...)
+      local m = real_multi(...)
+      return setmetatable({
+        fsync = function(_, file)
+          local id = m:fsync(file)
+          local f = io.open(journal, "rb")
+          at_submit[id] = f and f:seek("end") or 0
+          if f then f:close() end
+          return id
+        end,
+        wait = function(_, t)
+          local list = m:wait(t)
+          for _, d in ipairs(list) do
+            if at_submit[d.id] and d.res then durable_bytes = math.max(durable_bytes, at_submit[d.id]) end
+          end
+          return list
+        end,
+      }, { __index = function(_, k) return function(_, ...) return m[k](m, ...) end end })
+    end
+    local ahead, seen = {}, 0
+    local ok, s = pcall(batch.run, client(), plan, { concurrency = 4, journal = journal, commit_ms = 20,
+      progress = function(p)
+        if p.final then return end        -- (after the batch's closing fsync, not the worker's)
+        seen = seen + 1
+        local durable = H.readfile(journal):sub(1, durable_bytes)
+        local n = select(2, durable:gsub('"state":"done"', ""))
+        if p.done > n then ahead[#ahead + 1] = p.done .. " counted, " .. n .. " durable" end
+      end })
+    core.multi = real_multi
+    assert(ok, s)
+    assert(s, "batch failed")
+    assert.equal(300, s.done)
+    assert.is_true(seen > 0)
+    assert.same({}, ahead)
+    assert.equal(300, select(2, H.readfile(journal):gsub('"state":"done"', "")))
   end)
 
   it("a JSONL plan by assetId, results file with every row's outcome", function()

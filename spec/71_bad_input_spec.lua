@@ -376,7 +376,7 @@ describe("bad input", function()
       { "concurrency", 5000 }, { "qps", 0 }, { "qps", -1 }, { "qps", "x" }, { "retry_attempts", 0 },
       { "backoff_ms", -1 }, { "backoff_max_ms", "x" }, { "settle_ms", "x" }, { "max_attempts", 0 },
       { "format", "xml" }, { "out", "" }, { "journal", 42 }, { "results", {} }, { "progress", "yes" },
-      { "require_secret", "yes" }, { "resume", "yes" }, { "verify", "no" },
+      { "require_secret", "yes" }, { "resume", "yes" }, { "verify", "no" }, { "commit_ms", -1 }, { "commit_ms", "3" },
     }
     for i, case in ipairs(OPTS) do
       it(("opts.%s = %s: invalid_argument naming it, no journal written"):format(case[1], show(case[2])), function()

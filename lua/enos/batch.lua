@@ -18,7 +18,7 @@ M.OPTIONS = {
   concurrency = "number", qps = "number", retry_attempts = "number", backoff_ms = "number",
   backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
-  results = "string", resume = "boolean", require_secret = "boolean", progress = "any", plan_format = "string",
+  results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any", plan_format = "string",
 }
 
 M.DEFAULTS = {
@@ -31,6 +31,7 @@ M.DEFAULTS = {
   check_free = false,      -- the replace's own 11702 already refuses a taken key, changing nothing
   max_attempts = 8,        -- replace attempts per row (the workflow reads back between them)
   progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
+  commit_ms = 3,           -- group commit: at most one journal fsync started per commit_ms
 }
 
 -- ---------------------------------------------------------------- output files
@@ -201,7 +202,7 @@ function M.run(client, plan, opts)
   for _, k in ipairs { "retry_attempts", "max_attempts" } do
     if o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
   end
-  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval" } do
+  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval", "commit_ms" } do
     if o[k] ~= nil and o[k] < 0 then return nil, errors.arg(k, k .. " must be a number >= 0") end
   end
   if o.format ~= nil and o.format ~= "csv" and o.format ~= "jsonl" then
@@ -364,11 +365,21 @@ function M.run(client, plan, opts)
     sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
   })
-  local function finish_row(row, state, fields)
+  -- A row's last record. The row counts (count(), into the stats) once the record is durable;
+  -- its task ends now, so the slot goes to the next row instead of waiting on the disk.
+  local durable, first_durable, last_durable = {}, 1, 0   -- {seq, count} in journal order (a queue)
+  local function finish_row(row, state, fields, count)
     local rec = { key = row.key, line = row.line, state = state }
     for k, v in pairs(fields or {}) do rec[k] = v end
-    local seq = journal:append(rec)
-    while journal.synced < seq do sched:wait_signal("journal") end
+    last_durable = last_durable + 1
+    durable[last_durable] = { journal:append(rec), count }
+  end
+  local function counted(upto)        -- applies the counts of rows whose record is now durable
+    while first_durable <= last_durable and durable[first_durable][1] <= upto do
+      durable[first_durable][2]()
+      durable[first_durable] = nil
+      first_durable = first_durable + 1
+    end
   end
 
   local cred_only = false     -- credentials written whose secret is in no journal record
@@ -399,6 +410,13 @@ function M.run(client, plan, opts)
     stats.failed = stats.failed + 1
     local k = e and e.kind or "unknown"
     stats.failed_by_kind[k] = (stats.failed_by_kind[k] or 0) + 1
+  end
+  local function count_done(outcome)
+    return function()
+      stats.done = stats.done + 1
+      if outcome == "reconciled" then stats.reconciled = stats.reconciled + 1
+      else stats.replaced = stats.replaced + 1 end
+    end
   end
 
   -- Reads back a device whose replace may have happened (in flight when the
@@ -456,8 +474,7 @@ function M.run(client, plan, opts)
         deliver(row, new, "reconciled")
         result(row, "reconciled", d.assetId)
         finish_row(row, "done", { outcome = "reconciled", assetId = d.assetId, productKey = d.productKey,
-          newDeviceKey = d.deviceKey, encrypted = d.encrypted })
-        stats.done, stats.reconciled = stats.done + 1, stats.reconciled + 1
+          newDeviceKey = d.deviceKey, encrypted = d.encrypted }, count_done("reconciled"))
         row_of[coroutine.running()] = nil
         return
       elseif d == false then
@@ -475,8 +492,8 @@ function M.run(client, plan, opts)
       -- replaced, but the secret never reached us: not done until a resume reads it back
       local e = errors.new("transport", "replaced, but the new secret could not be read; resume to recover it")
       result(row, "unknown", report.new.assetId, e)
-      finish_row(row, "unknown", { assetId = report.new.assetId, error = err_fields(e) })
-      count_failed(e)
+      finish_row(row, "unknown", { assetId = report.new.assetId, error = err_fields(e) },
+        function() count_failed(e) end)
       row_of[coroutine.running()] = nil
       return
     end
@@ -487,15 +504,12 @@ function M.run(client, plan, opts)
       result(row, report.outcome, new.assetId, warn)
       finish_row(row, "done", { outcome = report.outcome, assetId = new.assetId, productKey = new.productKey,
         newDeviceKey = new.deviceKey, encrypted = new.encrypted,
-        warning = warn and err_fields(warn) or nil })
-      stats.done = stats.done + 1
-      if report.outcome == "reconciled" then stats.reconciled = stats.reconciled + 1
-      else stats.replaced = stats.replaced + 1 end
+        warning = warn and err_fields(warn) or nil }, count_done(report.outcome))
     else
       local unknown = err and err.report and err.report.outcome == "unknown"
       result(row, unknown and "unknown" or "failed", row.assetId, err)
-      finish_row(row, unknown and "unknown" or "failed", { assetId = row.assetId, error = err_fields(err) })
-      count_failed(err)
+      finish_row(row, unknown and "unknown" or "failed", { assetId = row.assetId, error = err_fields(err) },
+        function() count_failed(err) end)
     end
     row_of[coroutine.running()] = nil
   end
@@ -506,12 +520,17 @@ function M.run(client, plan, opts)
   -- The credentials file is fsynced with the group only when it holds a secret the journal does
   -- not (V2.1's plain secrets): a done row whose credentials line a power loss took is otherwise
   -- recovered on resume from the journal's encrypted pair. It is always fsynced at the end.
-  local syncing, sync_err = false, nil
+  -- At most one fsync starts per commit_ms, so groups are larger than one fsync's worth of rows
+  -- (fsyncs cost CPU as well as time); commit() returns how long until the next may start.
+  local syncing, sync_err, last_sync = false, nil, -math.huge
   local function commit()
     if cred then assert(cred:flush()) end
     assert(results:flush())             -- a report: written as rows finish, fsynced at the end
     assert(journal:write())
     if journal.written <= journal.synced or syncing then return end
+    local now = sched.now()
+    if now - last_sync < o.commit_ms then return (last_sync + o.commit_ms - now) / 1000 end
+    last_sync = now
     local sync_cred = cred and cred_only
     cred_only = false
     syncing = true
@@ -523,6 +542,7 @@ function M.run(client, plan, opts)
       syncing = false
       journal.synced = upto
       journal.fsyncs = journal.fsyncs + 1
+      counted(upto)
       sched:signal("journal")
     end
     if sync_cred then sched:fsync(cred.f, done) end
@@ -561,6 +581,7 @@ function M.run(client, plan, opts)
   if cred then cred:close() end
   results:close()
   journal:close()
+  if ok then counted(journal.synced) end
   client._transport, client._own_transport = saved_transport, saved_own
   sched:close()           -- its multi (and worker thread) belong to this batch either way
   if not ok then

@@ -223,10 +223,12 @@ function Sched:step(max_wait)
   if next_wake then wait = math.min(wait, math.max(0, (next_wake - now) / 1000)) end
   if #self.waiting > 0 then wait = math.min(wait, 0.01) end
   -- (tasks waiting on a signal are woken by signal(), e.g. from a worker job's callback: a job's
-  -- completion ends the wait.) before_wait lets the owner hand work over first (a group commit).
+  -- completion ends the wait.) before_wait lets the owner hand work over first (a group commit);
+  -- it may return the seconds after which it wants to be called again.
   if self.before_wait then
-    self.before_wait()
-    if #self.ready > 0 then wait = 0 end     -- it woke someone: do not sleep on them
+    local again = self.before_wait()
+    if #self.ready > 0 then wait = 0           -- it woke someone: do not sleep on them
+    elseif again and again < wait then wait = again end
   end
   self:_collect(wait)
   return true
