@@ -443,6 +443,8 @@ local function check_string(p, field, required, max)
     if required then return nil, errors.arg(field, field .. " is required") end
     return true
   end
+  -- the common case, printable ASCII of a fitting length, in one scan
+  if type(v) == "string" and v ~= "" and #v <= (max or 256) and not v:find("[^\32-\126]") then return true end
   if type(v) ~= "string" then return nil, errors.arg(field, field .. " must be a string, got " .. type(v)) end
   if v == "" then return nil, errors.arg(field, field .. " must not be empty") end
   if #v > (max or 256) then return nil, errors.arg(field, field .. " is longer than " .. (max or 256) .. " bytes") end

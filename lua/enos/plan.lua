@@ -29,6 +29,11 @@ end
 -- Splits one CSV record (RFC 4180: quotes, doubled quotes). Returns fields |
 -- nil, message. `more` reads the next physical line for a quoted line break.
 local function split_csv(line, more)
+  if not line:find('"', 1, true) then       -- the common case: no quoting at all
+    local fields, k = {}, 0
+    for field in (line .. ","):gmatch("([^,]*),") do k = k + 1 fields[k] = field end
+    return fields
+  end
   local fields, i, n = {}, 1, #line
   while true do
     local c = line:sub(i, i)
@@ -125,7 +130,10 @@ function M.Reader:rows()
   end
   local function nextline()
     local l = rawline()
-    if l then lineno = lineno + 1; l = l:gsub("\r$", "") end
+    if l then
+      lineno = lineno + 1
+      if l:byte(-1) == 13 then l = l:sub(1, -2) end
+    end
     return l
   end
   return function()
@@ -133,7 +141,8 @@ function M.Reader:rows()
       local line = nextline()
       if not line then return nil end
       if lineno == 1 then line = line:gsub("^\239\187\191", "") end      -- UTF-8 BOM
-      if trim(line) ~= "" and not line:match("^%s*#") then
+      local lead = line:match("^%s*(.?)")          -- "" for a blank line, "#" for a comment
+      if lead ~= "" and lead ~= "#" then
         local start = lineno
         if self.format == "jsonl" then
           local doc, jerr = json.decode(line)
@@ -188,8 +197,9 @@ function M.Reader:rows()
 end
 
 --- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message.
+local ROW_FIELDS = { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" }
 function M.check_row(fields)
-  for _, k in ipairs { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" } do
+  for _, k in ipairs(ROW_FIELDS) do
     local v = fields[k]
     if v ~= nil then
       if type(v) ~= "string" then return nil, k .. " must be a string", k end
@@ -260,7 +270,7 @@ function M.check(path, format, max_errors)
           end
         end
         -- a new key that an earlier row's device has now (same product: keys are per product)
-        local earlier = t.productKey and targets[M.target_key { productKey = t.productKey, deviceKey = nk, orgId = t.orgId }]
+        local earlier = t.productKey and targets["d:" .. (t.orgId or "") .. ":" .. t.productKey .. ":" .. nk]
         if earlier and earlier ~= row.line then
           add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. earlier
             .. " (chained renames are not supported in one batch)")
