@@ -8,7 +8,7 @@ ROWS=${BENCH_ROWS:-3000}          # rows per throughput run
 CONC=${BENCH_CONCURRENCY:-64}
 MEM_ROWS=${BENCH_MEM_ROWS:-"10000 100000"}
 CURL_ROWS=${BENCH_CURL_ROWS:-200}
-REPEAT=${BENCH_REPEAT:-3}         # throughput runs of each kind, interleaved; the best of each is reported
+REPEAT=${BENCH_REPEAT:-5}         # throughput runs of each kind, interleaved; the best of each is reported
 OUT=build/bench
 mkdir -p "$OUT"
 AK=bench-ak; SK=bench-secret-key; ORG=o15724268424841
@@ -18,7 +18,7 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/app.pem"
 openssl pkey -in "$OUT/app.pem" -pubout -out "$OUT/app.pub"
 
 sum_mem=0; for m in $MEM_ROWS; do sum_mem=$((sum_mem + m)); done
-TOTAL=$((ROWS * 4 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
+TOTAL=$((ROWS * 5 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
 lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))
@@ -51,11 +51,14 @@ best() {
     if not bt or t < bt then b, bt = l, t end end print(b)' <<< "$1"
 }
 echo "bench: throughput at concurrency $CONC, $ROWS rows each (get + replaceDevice + get per row), best of $REPEAT"
-floors=""; enoss=""; jits=""; secrets=""
+floors=""; enoss=""; jits=""; secrets=""; luafloors=""
 for _ in $(seq "$REPEAT"); do
   r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor: rows failed')" <<< "$r"
   floors+="$r"$'\n'
+  r=$(lua5.4 bench/lua_floor.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
+  lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'lua floor: rows failed')" <<< "$r"
+  luafloors+="$r"$'\n'
   r=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
   check_all "$r"; enoss+="$r"$'\n'
   r=$(luajit bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
@@ -64,7 +67,7 @@ for _ in $(seq "$REPEAT"); do
   check_all "$r"; secrets+="$r"$'\n'
 done
 floor=$(best "${floors%$'\n'}"); enos=$(best "${enoss%$'\n'}"); enos_jit=$(best "${jits%$'\n'}")
-enos_secret=$(best "${secrets%$'\n'}")
+enos_secret=$(best "${secrets%$'\n'}"); luafloor=$(best "${luafloors%$'\n'}")
 
 echo "bench: enos's own CPU per row with the network faked (bench/stub_bench.lua)"
 stub54=$(lua5.4 bench/stub_bench.lua "$ROWS" "$CONC" | field us_per_row)
@@ -140,11 +143,13 @@ fr=$(echo "$floor" | field elapsed_s); fc=$(echo "$floor" | field cpu_s)
 er=$(echo "$enos" | field elapsed_s); ec=$(echo "$enos" | field cpu_s)
 sr=$(echo "$enos_secret" | field elapsed_s); sc=$(echo "$enos_secret" | field cpu_s)
 jr=$(echo "$enos_jit" | field elapsed_s); jc=$(echo "$enos_jit" | field cpu_s)
+lr=$(echo "$luafloor" | field elapsed_s); lc=$(echo "$luafloor" | field cpu_s)
 lua5.4 - "$ROWS" "$fr" "$fc" "$er" "$ec" "$sr" "$sc" "$loop_rate" "$decrypt_ms" "$CONC" "$jr" "$jc" "$stub54" \
-  "$stubjit" <<'LUA'
+  "$stubjit" "$lr" "$lc" <<'LUA'
 local rows, fr, fc, er, ec, sr, sc, loop, dec, conc = tonumber(arg[1]), tonumber(arg[2]), tonumber(arg[3]),
   tonumber(arg[4]), tonumber(arg[5]), tonumber(arg[6]), tonumber(arg[7]), tonumber(arg[8]), tonumber(arg[9]), arg[10]
 local jr, jc, stub54, stubjit = tonumber(arg[11]), tonumber(arg[12]), tonumber(arg[13]), tonumber(arg[14])
+local lr, lc = tonumber(arg[15]), tonumber(arg[16])
 local function row(name, a, b, note) print(string.format("| %-44s | %9s | %9s | %s |", name, a, b, note or "")) end
 print()
 print(("enos batch vs the floor, %d rows at concurrency %s, against enos-sim (2 workers) on this machine"):format(rows, conc))
@@ -157,6 +162,8 @@ row("throughput, LuaJIT (rows/s)", ("%.0f"):format(rows / jr), ("%.0f"):format(r
   ("%.0f%%"):format(100 * fr / jr))
 row("client CPU per row, LuaJIT (ms)", ("%.3f"):format(jc * 1000 / rows), ("%.3f"):format(fc * 1000 / rows),
   ("%.2fx"):format(jc / fc))
+row("Lua floor: same calls, enos.core only (rows/s)", ("%.0f"):format(rows / lr), ("%.0f"):format(rows / fr),
+  ("%.0f%%, CPU %.2fx: no workflow, journal or outputs (bench/lua_floor.lua)"):format(100 * fr / lr, lc / fc))
 row("enos's own CPU per row, network faked (ms)", ("%.3f / %.3f"):format(stub54 / 1000, stubjit / 1000), "",
   "Lua 5.4 / LuaJIT: plan, workflow, client, scheduler, journal, outputs")
 row("throughput with requireSecret (rows/s)", ("%.0f"):format(rows / sr), "",

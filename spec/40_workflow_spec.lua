@@ -183,6 +183,23 @@ describe("enos.workflow.replace", function()
     assert.equal('{"newDeviceKey":"new_key_02","requireSecret":true}', rep.body)
   end)
 
+  it("steps = false: the same replace and credentials, a lean report (no steps, no record)", function()
+    local F = fake { pub = kp.public_file }
+    F.add { deviceKey = "old_key_lean" }
+    local c = client_for(F, { private_key_file = kp.private_file })
+    local o = fast()
+    o.steps = false
+    local r = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "old_key_lean", newDeviceKey = "new_key_lean" }, o))
+    assert.equal("replaced", r.outcome)
+    assert.is_true(r.ok)
+    assert.equal(F.devices[r.new.assetId].deviceSecret, r.new.deviceSecret)
+    assert.equal("new_key_lean", F.devices[r.new.assetId].deviceKey)
+    assert.same({}, r.steps)
+    assert.is_nil(r:record())
+    local _, err = workflow.replace(c, { assetId = r.new.assetId, newDeviceKey = "x_key_lean" }, { steps = "no" })
+    assert.matches("steps must be a boolean", err.message)
+  end)
+
   it("without a private key does not ask for the secret, and says so", function()
     local F = fake()
     local d = F.add { deviceKey = "old_key_03" }

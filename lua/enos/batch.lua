@@ -364,6 +364,7 @@ function M.run(client, plan, opts)
   local wf_opts = assert(workflow.options {
     sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
+    steps = false,              -- the batch keeps its own records: no per-row step list
   })
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
   -- its task ends now, so the slot goes to the next row instead of waiting on the disk.

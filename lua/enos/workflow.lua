@@ -27,13 +27,14 @@ M.DEFAULTS = {
   poll_ms = 1000,          -- wait_active: first poll interval, grows x1.5
   poll_max_ms = 10000,
   format = "json",
+  steps = true,            -- false: a lean report (no step records, no provisioning record) for many rows
 }
 
 local KNOWN_OPTS = {
   check_free = true, verify = true, max_attempts = true, read_attempts = true, backoff_ms = true,
   backoff_max_ms = true, settle_ms = true, verify_attempts = true, poll_ms = true, poll_max_ms = true,
   format = true, require_secret = true, dry_run = true, out = true, overwrite = true, wait_active = true,
-  sleep = true, clock = true, confirm = true, on_step = true, record = true,
+  sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true,
 }
 
 M.FORMATS = { json = true, env = true, text = true }
@@ -136,11 +137,17 @@ Ctx.__index = Ctx
 
 function Ctx:now() return self.clock() end
 
+local NO_STEP = {}
+
 function Ctx:begin(name)
+  if not self.o.steps then return NO_STEP end
   return { name = name, t0 = self:now() }
 end
 
-function Ctx:finish(s, outcome, detail)
+-- detail is a string, or a format and its arguments (formatted only when steps are recorded).
+function Ctx:finish(s, outcome, detail, ...)
+  if s == NO_STEP then return nil end
+  if select("#", ...) > 0 then detail = string.format(detail, ...) end
   local step = { name = s.name, outcome = outcome, ms = self:now() - s.t0, detail = detail }
   local steps = self.report.steps
   steps[#steps + 1] = step
@@ -225,7 +232,7 @@ local function check_opts(opts)
     if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
   end
   -- a string "no" is truthy: a flag that is not a boolean would do the opposite of what it says
-  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite" } do
+  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite", "steps" } do
     if o[k] ~= nil and type(o[k]) ~= "boolean" then return nil, errors.arg(k, k .. " must be a boolean") end
   end
   if o.record ~= nil then
@@ -521,8 +528,8 @@ local function preflight(ctx, client, target)
     ctx.subs_before = subs
     report.subdevices = { before = #subs, after = nil, reattached = 0 }
   end
-  ctx:finish(s, "ok", string.format("%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
-    tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or ""))
+  ctx:finish(s, "ok", "%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
+    tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or "")
   return dev
 end
 
@@ -589,7 +596,7 @@ local function replace(ctx, client, target, dev)
     local s = ctx:begin("replace")
     local r, err = client:replace_device(params)
     if r then
-      ctx:finish(s, "ok", string.format("attempt %d, request %s", attempt, tostring(r.requestId)))
+      ctx:finish(s, "ok", "attempt %d, request %s", attempt, tostring(r.requestId))
       return result_of(r, false), nil, "replaced"
     end
     last_err = err
@@ -667,8 +674,8 @@ local function verify(ctx, client, target)
     ctx:finish(s, "failed", msg)
     return nil, errors.new("protocol", "verification failed: " .. msg, { step = "verify", verify_failed = true })
   end
-  ctx:finish(s, "ok", #notes > 0 and table.concat(notes, "; ") or
-    string.format("key %s, assetId %s, status %s", target.newDeviceKey, ctx.asset.assetId, tostring(dev.status)))
+  if #notes > 0 then ctx:finish(s, "ok", table.concat(notes, "; "))
+  else ctx:finish(s, "ok", "key %s, assetId %s, status %s", target.newDeviceKey, ctx.asset.assetId, tostring(dev.status)) end
   return true
 end
 
@@ -722,15 +729,12 @@ function M._check_subs(ctx, client, target)
 end
 
 local function deliver(ctx, client)
-  local s = ctx:begin("deliver")
   local report, o = ctx.report, ctx.o
   local new = report.new
-  local rec = M.make_record(client, new, o.record)
-  rec.outcome = report.outcome
-  report._record = rec
   local expected = ctx.require_secret or client.api_version == "v2.1"
-  if expected and not rec.deviceSecret then
-    if rec.encrypted then
+  if expected and not new.deviceSecret then
+    local enc = new.encrypted
+    if enc and (enc.deviceSecret or enc.sessionKey) then
       ctx:warn("the new deviceSecret could not be decrypted (" .. tostring(new.decrypt_error) ..
         "); the encrypted pair is delivered instead")
     else
@@ -738,6 +742,11 @@ local function deliver(ctx, client)
         tostring(new.assetId) .. ")")
     end
   end
+  if not o.steps and not o.out then return true end     -- lean: the caller delivers (no record)
+  local s = ctx:begin("deliver")
+  local rec = M.make_record(client, new, o.record)
+  rec.outcome = report.outcome
+  report._record = rec
   if not o.out then
     ctx:finish(s, "ok", "returned in the report")
     return true
