@@ -32,7 +32,7 @@ build = {
   type = "builtin",
   modules = {
     ["enos.core"] = {
-      sources = { "src/core.c", "src/easy.c", "src/file.c", "src/http.c", "src/multi.c", "src/secret.c", "src/sign.c",
+      sources = { "src/core.c", "src/csv.c", "src/easy.c", "src/file.c", "src/http.c", "src/multi.c", "src/secret.c", "src/sign.c",
                   "src/util.c", "src/worker.c" },
       libraries = { "curl", "ssl", "crypto", "pthread" },
       defines = { "_POSIX_C_SOURCE=200809L" },

@@ -61,6 +61,7 @@ LUALIB_API int luaopen_enos_core(lua_State *L) {
   enos_open_multi(L);
   enos_open_file(L);
   enos_open_http(L);
+  enos_open_csv(L);
   lua_pushliteral(L, ENOS_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_pushliteral(L, "enos.core");

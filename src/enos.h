@@ -25,6 +25,7 @@ void enos_open_easy(lua_State *L);
 void enos_open_multi(lua_State *L);
 void enos_open_file(lua_State *L);
 void enos_open_http(lua_State *L);
+void enos_open_csv(lua_State *L);
 
 /* easy.c helpers shared with multi.c */
 typedef struct enos_buf {

@@ -79,9 +79,7 @@ function Out:add(rec)
   if self.format == "jsonl" then
     self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
   else
-    local cells = {}
-    for i, c in ipairs(self.columns) do cells[i] = csv_cell(rec[c]) end
-    self.buf[#self.buf + 1] = table.concat(cells, ",") .. "\n"
+    self.buf[#self.buf + 1] = core.csv_row(rec, self.columns)      -- csv_cell's rule, in C
   end
 end
 
