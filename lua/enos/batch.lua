@@ -294,11 +294,13 @@ function M.run(client, plan, opts)
   local rnd = math.random
 
   local function acquire()
-    local now = sched.now()
-    if now < pause_until then sched:sleep((pause_until - now) / 1000) end
+    if pause_until > 0 then                -- (set by a 429/503; no clock read otherwise)
+      local now = sched.now()
+      if now < pause_until then sched:sleep((pause_until - now) / 1000) else pause_until = 0 end
+    end
     if o.qps then
       while true do
-        now = sched.now()
+        local now = sched.now()
         bucket.tokens = math.min(math.max(1, o.qps), bucket.tokens + (now - bucket.at) / 1000 * o.qps)
         bucket.at = now
         if bucket.tokens >= 1 then bucket.tokens = bucket.tokens - 1 break end
@@ -312,7 +314,7 @@ function M.run(client, plan, opts)
     decrypt = base.decrypt and function(_, ...) return base:decrypt(...) end,
     send = function(_, req)
       local row = row_of[coroutine.running() or false]
-      local is_replace = req.url:find("action=replaceDevice", 1, true) ~= nil
+      local is_replace = req.once and req.url:find("action=replaceDevice", 1, true) ~= nil
       if row and is_replace then
         -- durable before the request leaves: a crash from here on is reconciled on resume
         local seq = journal:append { key = row.key, line = row.line, state = "sending",
