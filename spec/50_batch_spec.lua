@@ -303,6 +303,20 @@ describe("batch against the simulator", function()
     for i = 21, 24 do assert.is_true(seen[("A%07d"):format(i)], "missing A00000" .. i) end
   end)
 
+  it("qps caps the request rate for the whole batch (a burst of qps, then qps a second)", function()
+    local plan = dir .. "/plan_qps.csv"
+    write_plan(plan, 30)
+    local t0 = core.monotonic_ms()
+    local s = assert(batch.run(client(), plan, { concurrency = 16, qps = 40, journal = dir .. "/j_qps" }))
+    local elapsed = (core.monotonic_ms() - t0) / 1000
+    assert.equal(30, s.done)
+    -- every request took a token: after the first 40, one per 1/40 s
+    local least = (s.requests - 40) / 40
+    assert.is_true(s.requests >= 90)
+    assert.is_true(elapsed >= least * 0.95, ("%d requests in %.2f s, at least %.2f s expected"):format(
+      s.requests, elapsed, least))
+  end)
+
   it("records a row that fails for good and goes on", function()
     local plan = dir .. "/conflict.csv"
     -- row 2 wants a key another device of the product already has
