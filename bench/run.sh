@@ -8,7 +8,7 @@ ROWS=${BENCH_ROWS:-3000}          # rows per throughput run
 CONC=${BENCH_CONCURRENCY:-64}
 MEM_ROWS=${BENCH_MEM_ROWS:-"10000 100000"}
 CURL_ROWS=${BENCH_CURL_ROWS:-200}
-REPEAT=${BENCH_REPEAT:-5}         # throughput runs of each kind, interleaved; the best of each is reported
+REPEAT=${BENCH_REPEAT:-7}         # rounds of throughput runs (one of each kind a round); medians are reported
 OUT=build/bench
 mkdir -p "$OUT"
 AK=bench-ak; SK=bench-secret-key; ORG=o15724268424841
@@ -45,29 +45,24 @@ check_all() {
     { echo "bench: a run had failed rows: $1" >&2; exit 1; }
 }
 
-# the run (a JSON line) with the smallest elapsed time among $1 (one per line)
-best() {
-  lua5.4 -e 'local b, bt for l in io.lines() do local t = require("cjson").decode(l).elapsed_s
-    if not bt or t < bt then b, bt = l, t end end print(b)' <<< "$1"
-}
-echo "bench: throughput at concurrency $CONC, $ROWS rows each (get + replaceDevice + get per row), best of $REPEAT"
-floors=""; enoss=""; jits=""; secrets=""; luafloors=""
+# Each round runs every kind once, back to back: the machine's speed drifts (a VM), so each kind is compared
+# with the floor of its own round, and the medians over the rounds are reported. Runs: $OUT/runs.<kind>.jsonl
+echo "bench: throughput at concurrency $CONC, $ROWS rows each (get + replaceDevice + get per row), $REPEAT rounds"
+for k in floor luafloor enos jit secret; do : > "$OUT/runs.$k.jsonl"; done
 for _ in $(seq "$REPEAT"); do
   r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor: rows failed')" <<< "$r"
-  floors+="$r"$'\n'
+  echo "$r" >> "$OUT/runs.floor.jsonl"
   r=$(lua5.4 bench/lua_floor.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'lua floor: rows failed')" <<< "$r"
-  luafloors+="$r"$'\n'
+  echo "$r" >> "$OUT/runs.luafloor.jsonl"
   r=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
-  check_all "$r"; enoss+="$r"$'\n'
+  check_all "$r"; echo "$r" >> "$OUT/runs.enos.jsonl"
   r=$(luajit bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
-  check_all "$r"; jits+="$r"$'\n'
+  check_all "$r"; echo "$r" >> "$OUT/runs.jit.jsonl"
   r=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" "$OUT/app.pem"); next=$((next + ROWS))
-  check_all "$r"; secrets+="$r"$'\n'
+  check_all "$r"; echo "$r" >> "$OUT/runs.secret.jsonl"
 done
-floor=$(best "${floors%$'\n'}"); enos=$(best "${enoss%$'\n'}"); enos_jit=$(best "${jits%$'\n'}")
-enos_secret=$(best "${secrets%$'\n'}"); luafloor=$(best "${luafloors%$'\n'}")
 
 echo "bench: enos's own CPU per row with the network faked (bench/stub_bench.lua)"
 stub54=$(lua5.4 bench/stub_bench.lua "$ROWS" "$CONC" | field us_per_row)
@@ -139,39 +134,55 @@ for m in $MEM_ROWS; do
     "$(echo "$r" | field rate)")")
 done
 
-fr=$(echo "$floor" | field elapsed_s); fc=$(echo "$floor" | field cpu_s)
-er=$(echo "$enos" | field elapsed_s); ec=$(echo "$enos" | field cpu_s)
-sr=$(echo "$enos_secret" | field elapsed_s); sc=$(echo "$enos_secret" | field cpu_s)
-jr=$(echo "$enos_jit" | field elapsed_s); jc=$(echo "$enos_jit" | field cpu_s)
-lr=$(echo "$luafloor" | field elapsed_s); lc=$(echo "$luafloor" | field cpu_s)
-lua5.4 - "$ROWS" "$fr" "$fc" "$er" "$ec" "$sr" "$sc" "$loop_rate" "$decrypt_ms" "$CONC" "$jr" "$jc" "$stub54" \
-  "$stubjit" "$lr" "$lc" <<'LUA'
-local rows, fr, fc, er, ec, sr, sc, loop, dec, conc = tonumber(arg[1]), tonumber(arg[2]), tonumber(arg[3]),
-  tonumber(arg[4]), tonumber(arg[5]), tonumber(arg[6]), tonumber(arg[7]), tonumber(arg[8]), tonumber(arg[9]), arg[10]
-local jr, jc, stub54, stubjit = tonumber(arg[11]), tonumber(arg[12]), tonumber(arg[13]), tonumber(arg[14])
-local lr, lc = tonumber(arg[15]), tonumber(arg[16])
-local function row(name, a, b, note) print(string.format("| %-44s | %9s | %9s | %s |", name, a, b, note or "")) end
+lua5.4 - "$ROWS" "$OUT" "$loop_rate" "$decrypt_ms" "$CONC" "$stub54" "$stubjit" "$REPEAT" <<'LUA'
+local cjson = require "cjson"
+local rows, out, loop, dec, conc = tonumber(arg[1]), arg[2], tonumber(arg[3]), tonumber(arg[4]), arg[5]
+local stub54, stubjit, rounds = tonumber(arg[6]), tonumber(arg[7]), arg[8]
+local runs = {}
+for _, k in ipairs { "floor", "luafloor", "enos", "jit", "secret" } do
+  runs[k] = {}
+  for l in io.lines(out .. "/runs." .. k .. ".jsonl") do runs[k][#runs[k] + 1] = cjson.decode(l) end
+end
+local function median(t)
+  table.sort(t)
+  local n = #t
+  return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
+end
+local function rate(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = rows / r.elapsed_s end return median(t) end
+local function cpu(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s * 1000 / rows end return median(t) end
+-- each round's run of kind k against that round's floor
+local function rate_ratio(k)
+  local t = {} for i, r in ipairs(runs[k]) do t[i] = runs.floor[i].elapsed_s / r.elapsed_s end return median(t)
+end
+local function cpu_ratio(k)
+  local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s / runs.floor[i].cpu_s end return median(t)
+end
+local function row(name, a, b, note) print(string.format("| %-46s | %9s | %9s | %s |", name, a, b, note or "")) end
 print()
-print(("enos batch vs the floor, %d rows at concurrency %s, against enos-sim (2 workers) on this machine"):format(rows, conc))
+print(("enos batch vs the floor, %d rows at concurrency %s, against enos-sim (2 workers) on this machine;"
+  .. " medians of %s rounds, ratios against the floor of the same round"):format(rows, conc, rounds))
 row("figure", "enos", "floor (C)", "enos / floor")
-row(string.rep("-", 44), "---------", "---------", "------------")
-row("throughput, Lua 5.4 (rows/s)", ("%.0f"):format(rows / er), ("%.0f"):format(rows / fr), ("%.0f%% (goal >= 85%%)"):format(100 * fr / er))
-row("client CPU per row, Lua 5.4 (ms)", ("%.3f"):format(ec * 1000 / rows), ("%.3f"):format(fc * 1000 / rows),
-  ("%.2fx (goal <= 1.3x)"):format(ec / fc))
-row("throughput, LuaJIT (rows/s)", ("%.0f"):format(rows / jr), ("%.0f"):format(rows / fr),
-  ("%.0f%%"):format(100 * fr / jr))
-row("client CPU per row, LuaJIT (ms)", ("%.3f"):format(jc * 1000 / rows), ("%.3f"):format(fc * 1000 / rows),
-  ("%.2fx"):format(jc / fc))
-row("Lua floor: same calls, enos.core only (rows/s)", ("%.0f"):format(rows / lr), ("%.0f"):format(rows / fr),
-  ("%.0f%%, CPU %.2fx: no workflow, journal or outputs (bench/lua_floor.lua)"):format(100 * fr / lr, lc / fc))
+row(string.rep("-", 46), "---------", "---------", "------------")
+row("throughput, Lua 5.4 (rows/s)", ("%.0f"):format(rate "enos"), ("%.0f"):format(rate "floor"),
+  ("%.0f%% (goal >= 85%%)"):format(100 * rate_ratio "enos"))
+row("client CPU per row, Lua 5.4 (ms)", ("%.3f"):format(cpu "enos"), ("%.3f"):format(cpu "floor"),
+  ("%.2fx (goal <= 1.3x)"):format(cpu_ratio "enos"))
+row("throughput, LuaJIT (rows/s)", ("%.0f"):format(rate "jit"), ("%.0f"):format(rate "floor"),
+  ("%.0f%%"):format(100 * rate_ratio "jit"))
+row("client CPU per row, LuaJIT (ms)", ("%.3f"):format(cpu "jit"), ("%.3f"):format(cpu "floor"),
+  ("%.2fx"):format(cpu_ratio "jit"))
+row("Lua floor: same calls, enos.core only (rows/s)", ("%.0f"):format(rate "luafloor"), ("%.0f"):format(rate "floor"),
+  ("%.0f%%, CPU %.2fx: no workflow, journal or outputs (bench/lua_floor.lua)"):format(100 * rate_ratio "luafloor",
+  cpu_ratio "luafloor"))
+local er, ec, sr, sc = rate "enos", cpu "enos", rate "secret", cpu "secret"
 row("enos's own CPU per row, network faked (ms)", ("%.3f / %.3f"):format(stub54 / 1000, stubjit / 1000), "",
   "Lua 5.4 / LuaJIT: plan, workflow, client, scheduler, journal, outputs")
-row("throughput with requireSecret (rows/s)", ("%.0f"):format(rows / sr), "",
+row("throughput with requireSecret (rows/s)", ("%.0f"):format(sr), "",
   ("decryption %.3f ms/secret, in the worker thread"):format(dec))
-row("client CPU per row with requireSecret (ms)", ("%.3f"):format(sc * 1000 / rows), "",
-  ("+%.3f ms/row for the secret (both threads)"):format((sc - ec) * 1000 / rows))
-row("curl per replace from a shell loop (rows/s)", ("%.0f"):format(rows / er), ("%.1f"):format(loop),
-  ("enos is %.0fx faster (and does 3 calls a row)"):format((rows / er) / loop))
+row("client CPU per row with requireSecret (ms)", ("%.3f"):format(sc), "",
+  ("+%.3f ms/row for the secret (both threads)"):format(sc - ec))
+row("curl per replace from a shell loop (rows/s)", ("%.0f"):format(er), ("%.1f"):format(loop),
+  ("enos is %.0fx faster (and does 3 calls a row)"):format(er / loop))
 LUA
 for l in "${mem_lines[@]}"; do echo "$l"; done
 printf '| require "enos" (CPU time, Lua 5.4)             | %6s ms | |\n' "$require_ms"
