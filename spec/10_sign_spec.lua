@@ -59,6 +59,37 @@ describe("enos.signature", function()
   end)
 end)
 
+describe("core.sign_query", function()
+  it("gives signature() and encode_query() of the same query in one call", function()
+    local q = { action = "replaceDevice", orgId = "o15520323695671", assetId = "Nmw9npSq" }
+    local sig, qs = core.sign_query("tokenABC", "my-app-secret", q, '{"newDeviceKey":"dev_new_01","requireSecret":true}',
+      1700000000000)
+    assert.equal("1b9c8339746b855a9e4fd56ebb82900d6d90c482560391920b09786426ad448e", sig)
+    assert.equal("action=replaceDevice&assetId=Nmw9npSq&orgId=o15520323695671", qs)
+  end)
+  it("agrees with them for many parameters and long values (past the stack buffers)", function()
+    for _, n in ipairs { 0, 1, 16, 17, 40 } do
+      local q = {}
+      for i = 1, n do q[("k%02d"):format(i)] = ("v"):rep(i * 7) .. " &=é" end
+      local body = n == 40 and ("b"):rep(3000) or nil
+      local sig, qs = core.sign_query("t", "s", q, body, 12345)
+      assert.equal(core.signature("t", "s", q, body, 12345), sig)
+      assert.equal(core.encode_query(q), qs)
+      local parts = { "t" }
+      local names = {}
+      for k in pairs(q) do names[#names + 1] = k end
+      table.sort(names)
+      for _, k in ipairs(names) do parts[#parts + 1] = k .. q[k] end
+      parts[#parts + 1] = (body or "") .. "12345s"
+      assert.equal(enos.sha256_hex(table.concat(parts)), sig)
+    end
+  end)
+  it("refuses what signature refuses", function()
+    assert.has_error(function() core.sign_query("t", "s", { a = 1 }, nil, 1) end)
+    assert.has_error(function() core.sign_query("t", "s", {}, nil, -1) end)
+  end)
+end)
+
 describe("query encoding", function()
   it("percent-encodes values that need it and signs the decoded values", function()
     local q = { expression = "deviceKey = 'a b'", k = "x&y=z+w", u = "é" }

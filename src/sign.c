@@ -11,17 +11,35 @@
 typedef struct { const char *s; size_t n; } span;
 typedef struct { span k, v; } kv;
 
-static int sha256(const void *data, size_t n, unsigned char out[32]) {
-  unsigned int len = 0;
-  return EVP_Digest(data, n, out, &len, EVP_sha256(), NULL) == 1 && len == 32;
+/* SHA-256, fetched once per Lua state: OpenSSL 3 looks EVP_sha256() up again on every digest
+ * otherwise. The functions below share it as their first upvalue (freed by its __gc). */
+typedef struct { EVP_MD *md; } md_box;
+
+static int md_gc(lua_State *L) {
+  md_box *b = lua_touserdata(L, 1);
+  if (b != NULL && b->md != NULL) { EVP_MD_free(b->md); b->md = NULL; }
+  return 0;
 }
+
+static const EVP_MD *sha256_of(lua_State *L) {
+  md_box *b = lua_touserdata(L, lua_upvalueindex(1));
+  return b != NULL && b->md != NULL ? b->md : EVP_sha256();
+}
+
+static int sha256(const EVP_MD *md, const void *data, size_t n, unsigned char out[32]) {
+  unsigned int len = 0;
+  return EVP_Digest(data, n, out, &len, md, NULL) == 1 && len == 32;
+}
+
+#define SMALL_SIGN 2048     /* signed strings up to this size are joined on the stack */
+#define SMALL_QUERY 16      /* queries up to this many parameters are sorted on the stack */
 
 static int l_sha256_hex(lua_State *L) {
   size_t n;
   const char *s = luaL_checklstring(L, 1, &n);
   unsigned char md[32];
   char hex[65];
-  if (!sha256(s, n, md)) return luaL_error(L, "enos: SHA-256 failed");
+  if (!sha256(sha256_of(L), s, n, md)) return luaL_error(L, "enos: SHA-256 failed");
   enos_hex_lower(md, 32, hex);
   lua_pushlstring(L, hex, 64);
   return 1;
@@ -50,17 +68,20 @@ static span check_timestamp(lua_State *L, int idx, char *tmp, size_t tmpsz) {
 static int hash_parts(lua_State *L, const span *parts, size_t nparts, char hex[65]) {
   size_t total = 0, i, off = 0;
   unsigned char md[32];
-  char *buf;
+  char small[SMALL_SIGN], *buf = small;
   int ok;
   for (i = 0; i < nparts; i++) total += parts[i].n;
-  buf = malloc(total ? total : 1);
-  if (buf == NULL) return luaL_error(L, "enos: out of memory");
+  if (total > sizeof small) {
+    buf = malloc(total);
+    if (buf == NULL) return luaL_error(L, "enos: out of memory");
+  }
   for (i = 0; i < nparts; i++) {
     if (parts[i].n) memcpy(buf + off, parts[i].s, parts[i].n);
     off += parts[i].n;
   }
-  ok = sha256(buf, total, md);
-  enos_free_secret(buf, total ? total : 1);
+  ok = sha256(sha256_of(L), buf, total, md);
+  if (buf == small) enos_cleanse(small, total);
+  else enos_free_secret(buf, total);
   if (!ok) return luaL_error(L, "enos: SHA-256 failed");
   enos_hex_lower(md, 32, hex);
   enos_cleanse(md, sizeof md);
@@ -87,16 +108,16 @@ static int kv_cmp(const void *a, const void *b) {
   return (x->k.n > y->k.n) - (x->k.n < y->k.n);
 }
 
-/* Collects a {name = value} table of strings, sorted by name in byte order.
- * The array lives in a userdata left on the stack (freed by the GC). */
-static kv *collect_query(lua_State *L, int idx, size_t *count) {
+/* Collects a {name = value} table of strings, sorted by name in byte order, into `small`
+ * (SMALL_QUERY entries) or, for a larger query, a userdata left on the stack (freed by the GC). */
+static kv *collect_query(lua_State *L, int idx, size_t *count, kv *small) {
   size_t n = 0, i = 0;
-  kv *arr;
+  kv *arr = small;
   if (lua_isnoneornil(L, idx)) { *count = 0; return NULL; }
   luaL_checktype(L, idx, LUA_TTABLE);
   lua_pushnil(L);
   while (lua_next(L, idx) != 0) { n++; lua_pop(L, 1); }
-  arr = lua_newuserdata(L, (n ? n : 1) * sizeof *arr);
+  if (n > SMALL_QUERY) arr = lua_newuserdata(L, n * sizeof *arr);
   lua_pushnil(L);
   while (lua_next(L, idx) != 0) {
     if (lua_type(L, -2) != LUA_TSTRING || enos_rawlen(L, -2) == 0)
@@ -115,17 +136,16 @@ static kv *collect_query(lua_State *L, int idx, size_t *count) {
 
 /* signature(token, app_secret, query, body|nil, timestamp)
  *   -> hex(SHA-256(token .. k1 v1 k2 v2 … .. body .. T .. SK)) */
-static int l_signature(lua_State *L) {
+/* The signature over a sorted query (arguments as for signature()); pushes the hex. */
+static void push_signature(lua_State *L, const kv *q, size_t nq) {
   char tbuf[32], hex[65];
-  size_t nq, i, np = 0;
-  span token, secret, body = {"", 0}, ts, *parts;
-  kv *q;
+  size_t i, np = 0;
+  span token, secret, body = {"", 0}, ts, small[2 * SMALL_QUERY + 4], *parts = small;
   token.s = luaL_checklstring(L, 1, &token.n);
   secret.s = luaL_checklstring(L, 2, &secret.n);
-  q = collect_query(L, 3, &nq);
   if (!lua_isnoneornil(L, 4)) body.s = luaL_checklstring(L, 4, &body.n);
   ts = check_timestamp(L, 5, tbuf, sizeof tbuf);
-  parts = lua_newuserdata(L, (2 * nq + 4) * sizeof *parts);
+  if (nq > SMALL_QUERY) parts = lua_newuserdata(L, (2 * nq + 4) * sizeof *parts);
   parts[np++] = token;
   for (i = 0; i < nq; i++) { parts[np++] = q[i].k; parts[np++] = q[i].v; }
   parts[np++] = body;
@@ -133,6 +153,13 @@ static int l_signature(lua_State *L) {
   parts[np++] = secret;
   hash_parts(L, parts, np, hex);
   lua_pushlstring(L, hex, 64);
+}
+
+static int l_signature(lua_State *L) {
+  size_t nq;
+  kv small[SMALL_QUERY];
+  const kv *q = collect_query(L, 3, &nq, small);
+  push_signature(L, q, nq);
   return 1;
 }
 
@@ -168,11 +195,9 @@ static int l_urlencode(lua_State *L) {
 }
 
 /* encode_query({name = value}) -> "a=1&b=2", names sorted, both sides encoded. */
-static int l_encode_query(lua_State *L) {
-  size_t n, i;
-  kv *q;
+static void push_encoded_query(lua_State *L, const kv *q, size_t n) {
+  size_t i;
   luaL_Buffer b;
-  q = collect_query(L, 1, &n);
   luaL_buffinit(L, &b);
   for (i = 0; i < n; i++) {
     if (i) luaL_addchar(&b, '&');
@@ -181,7 +206,25 @@ static int l_encode_query(lua_State *L) {
     add_encoded(&b, q[i].v.s, q[i].v.n);
   }
   luaL_pushresult(&b);
+}
+
+static int l_encode_query(lua_State *L) {
+  size_t n;
+  kv small[SMALL_QUERY];
+  const kv *q = collect_query(L, 1, &n, small);
+  push_encoded_query(L, q, n);
   return 1;
+}
+
+/* sign_query(token, app_secret, query, body|nil, timestamp) -> signature, encode_query(query):
+ * what a request needs, with the query sorted once. */
+static int l_sign_query(lua_State *L) {
+  size_t nq;
+  kv small[SMALL_QUERY];
+  const kv *q = collect_query(L, 3, &nq, small);
+  push_signature(L, q, nq);
+  push_encoded_query(L, q, nq);
+  return 2;
 }
 
 static int hexval(int c) {
@@ -264,10 +307,17 @@ static const luaL_Reg sign_funcs[] = {
   {"signature", l_signature},
   {"urlencode", l_urlencode},
   {"encode_query", l_encode_query},
+  {"sign_query", l_sign_query},
   {"parse_query", l_parse_query},
   {NULL, NULL}
 };
 
 void enos_open_sign(lua_State *L) {
-  luaL_setfuncs(L, sign_funcs, 0);
+  md_box *b = lua_newuserdata(L, sizeof *b);
+  b->md = EVP_MD_fetch(NULL, "SHA256", NULL);          /* NULL: EVP_sha256() is used instead */
+  lua_createtable(L, 0, 1);
+  lua_pushcfunction(L, md_gc);
+  lua_setfield(L, -2, "__gc");
+  lua_setmetatable(L, -2);
+  luaL_setfuncs(L, sign_funcs, 1);
 }

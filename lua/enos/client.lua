@@ -354,8 +354,7 @@ function Client:_sign(spec, token)
   local query, err = stringify_query(spec.query or {})
   if not query then return nil, err end
   local ts = self:_timestamp()
-  local sig = core.signature(token, self._secret_key, query, spec.body, ts)
-  local qs = core.encode_query(query)
+  local sig, qs = core.sign_query(token, self._secret_key, query, spec.body, ts)
   local headers = {
     ["apim-accesstoken"] = token,
     ["apim-timestamp"] = string.format("%d", ts),
