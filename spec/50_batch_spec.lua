@@ -168,14 +168,17 @@ describe("batch against the simulator", function()
     assert.matches("resume", err.message)
   end)
 
-  it("a row counts as done only once its journal record is fsynced (the worker's group commit)", function()
-    local plan, journal = dir .. "/plan_sync.csv", dir .. "/j_sync"
-    write_plan(plan, 300)
-    -- watch the multi handle's fsync jobs: bytes of the journal known durable when each completes
-    local real_multi, durable_bytes, at_submit = core.multi, 0, {}
+  -- Wraps core.multi for one batch: tracks the journal bytes known durable (a worker fsync completed;
+  -- the size at its submission) and calls on_add(req, durable_bytes) for each request handed over.
+  local function watch_multi(journal, on_add)
+    local real_multi, w, at_submit = core.multi, { durable_bytes = 0 }, {}
     core.multi = function(...)
       local m = real_multi(...)
       return setmetatable({
+        add = function(_, req)
+          if on_add then on_add(req, w.durable_bytes) end
+          return m:add(req)
+        end,
         fsync = function(_, file)
           local id = m:fsync(file)
           local f = io.open(journal, "rb")
@@ -186,28 +189,85 @@ describe("batch against the simulator", function()
         wait = function(_, t)
           local list = m:wait(t)
           for _, d in ipairs(list) do
-            if at_submit[d.id] and d.res then durable_bytes = math.max(durable_bytes, at_submit[d.id]) end
+            if at_submit[d.id] and d.res then w.durable_bytes = math.max(w.durable_bytes, at_submit[d.id]) end
           end
           return list
         end,
       }, { __index = function(_, k) return function(_, ...) return m[k](m, ...) end end })
     end
+    w.restore = function() core.multi = real_multi end
+    return w
+  end
+
+  it("a row counts as done only once its journal record is fsynced (the worker's group commit)", function()
+    local plan, journal = dir .. "/plan_sync.csv", dir .. "/j_sync"
+    write_plan(plan, 300)
+    local w = watch_multi(journal)
     local ahead, seen = {}, 0
     local ok, s = pcall(batch.run, client(), plan, { concurrency = 4, journal = journal, commit_ms = 20,
       progress = function(p)
         if p.final then return end        -- (after the batch's closing fsync, not the worker's)
         seen = seen + 1
-        local durable = H.readfile(journal):sub(1, durable_bytes)
+        local durable = H.readfile(journal):sub(1, w.durable_bytes)
         local n = select(2, durable:gsub('"state":"done"', ""))
         if p.done > n then ahead[#ahead + 1] = p.done .. " counted, " .. n .. " durable" end
       end })
-    core.multi = real_multi
+    w.restore()
     assert(ok, s)
     assert(s, "batch failed")
     assert.equal(300, s.done)
     assert.is_true(seen > 0)
     assert.same({}, ahead)
     assert.equal(300, select(2, H.readfile(journal):gsub('"state":"done"', "")))
+  end)
+
+  -- every replace handed to libcurl must find a durable "sending" record of its row at most settle/2 old
+  local function watch_sending(journal, settle)
+    local v = { bad = {}, replaces = 0, early = 0 }
+    v.w = watch_multi(journal, function(req, durable_bytes)
+      if not (req.once and req.url:find("action=replaceDevice", 1, true)) then return end
+      v.replaces = v.replaces + 1
+      local key = req.url:match("deviceKey=([^&]+)") or req.url:match("assetId=([^&]+)")
+      local now, best = core.now_ms(), nil
+      for line in H.readfile(journal):sub(1, durable_bytes):gmatch("[^\n]+") do
+        local r = cjson.decode(line)
+        if r.state == "sending" and (line:find(key, 1, true) or (r.assetId and r.assetId == key)) then best = r end
+      end
+      if not best then v.bad[#v.bad + 1] = "no durable sending record for " .. key
+      elseif now - best.ts > settle / 2 + 5 then v.bad[#v.bad + 1] = ("%s: record %d ms old"):format(key, now - best.ts)
+      elseif not best.assetId then v.early = v.early + 1 end      -- the one written when the row started
+    end)
+    return v
+  end
+
+  it("a replace leaves only once a durable 'sending' record of its row, at most settle/2 old, is in the journal",
+    function()
+    local plan, journal = dir .. "/plan_send.csv", dir .. "/j_send"
+    write_plan(plan, 200)
+    local v = watch_sending(journal, 2000)
+    local ok, s = pcall(batch.run, client(), plan, { concurrency = 16, journal = journal, settle_ms = 2000 })
+    v.w.restore()
+    assert(ok, s)
+    assert(s, "batch failed")
+    assert.equal(200, s.done)
+    assert.equal(200, v.replaces)
+    assert.same({}, v.bad)
+    assert.is_true(v.early > 0)        -- most replaces went out on the record written at the row's start
+  end)
+
+  it("a replace retried after a 429's Retry-After writes a fresh 'sending' record first", function()
+    local plan, journal = dir .. "/plan_send429.csv", dir .. "/j_send429"
+    write_plan(plan, 20)
+    h:admin("POST", "/faults", { rate_limit = { status = 429, retry_after = 1, share = 0.15 } })
+    local v = watch_sending(journal, 1000)
+    local ok, s = pcall(batch.run, client(), plan, { concurrency = 8, journal = journal, settle_ms = 1000 })
+    v.w.restore()
+    h:admin("DELETE", "/faults")
+    assert(ok, s)
+    assert(s, "batch failed")
+    assert.equal(20, s.done)
+    assert.is_true(s.retries > 0)
+    assert.same({}, v.bad)
   end)
 
   it("a JSONL plan by assetId, results file with every row's outcome", function()

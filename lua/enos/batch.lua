@@ -309,22 +309,30 @@ function M.run(client, plan, opts)
     end
   end
 
+  -- The "sending" record: durable before a replace leaves, so that a crash from then on is reconciled
+  -- on resume (read back after ts + timeout + settle). A row writes it when it starts, so its fsync
+  -- overlaps the preflight; a replace sent later than half the settle time after it writes a fresh one.
+  local function sending(row, timeout)
+    local seq = journal:append { key = row.key, line = row.line, state = "sending",
+      assetId = row.assetId, newDeviceKey = row.target.newDeviceKey, timeout = timeout }
+    row.sending_seq, row.sending_ts = seq, core.now_ms()
+  end
+  local sending_slack = (o.settle_ms or 2000) / 2
+
   local transport = {
     wait_for = function(_, pred) return sched:wait_for(pred) end,
     decrypt = base.decrypt and function(_, ...) return base:decrypt(...) end,
     send = function(_, req)
       local row = row_of[coroutine.running() or false]
       local is_replace = req.once and req.url:find("action=replaceDevice", 1, true) ~= nil
-      if row and is_replace then
-        -- durable before the request leaves: a crash from here on is reconciled on resume
-        local seq = journal:append { key = row.key, line = row.line, state = "sending",
-          assetId = row.assetId, newDeviceKey = row.target.newDeviceKey, timeout = req.timeout }
-        while journal.synced < seq do sched:wait_signal("journal") end
-      end
       local attempt = 0
       while true do
         attempt = attempt + 1
         acquire()
+        if row and is_replace then      -- (each attempt: a 429 retry may leave much later)
+          if not row.sending_seq or core.now_ms() - row.sending_ts > sending_slack then sending(row, req.timeout) end
+          while journal.synced < row.sending_seq do sched:wait_signal("journal") end
+        end
         stats.requests = stats.requests + 1
         local res, err = base:send(req)
         local st = res and res.status
@@ -486,6 +494,7 @@ function M.run(client, plan, opts)
         return
       end
     end
+    sending(row, client.timeout)
     local report, err = workflow.replace(client, row.target, wf_opts)
     if not report and err and err.report and err.report.new then report = err.report end
     local expect_secret = require_secret or client.api_version == "v2.1"

@@ -351,8 +351,12 @@ M.Request = Request
 
 --- Builds the signed request for spec {method, path, query, body}; needs a token.
 function Client:_sign(spec, token)
-  local query, err = stringify_query(spec.query or {})
-  if not query then return nil, err end
+  -- (plain_query: built here from checked strings only, nothing to convert)
+  local query, err = spec.query
+  if not spec.plain_query then
+    query, err = stringify_query(query or {})
+    if not query then return nil, err end
+  end
   local ts = self:_timestamp()
   local sig, qs = core.sign_query(token, self._secret_key, query, spec.body, ts)
   local headers = {
@@ -568,12 +572,12 @@ function CALLS.replace_device(self, p)
   if p.deviceKey and p.deviceKey == p.newDeviceKey then
     return nil, errors.arg("newDeviceKey", "newDeviceKey equals the current deviceKey (EnOS 11704)")
   end
-  local body = { newDeviceKey = p.newDeviceKey }
-  if p.requireSecret and self.api_version ~= "v2.1" then body.requireSecret = true end
-  return {
-    method = "POST", path = self:_path("devices"), query = query, idempotent = false,
-    body = json.encode_object(body, { "newDeviceKey", "requireSecret" }),
-  }
+  -- (newDeviceKey matched KEY_PATTERN: nothing in it needs JSON escaping)
+  local body = p.requireSecret and self.api_version ~= "v2.1"
+    and '{"newDeviceKey":"' .. p.newDeviceKey .. '","requireSecret":true}'
+    or '{"newDeviceKey":"' .. p.newDeviceKey .. '"}'
+  return { method = "POST", path = self:_path("devices"), query = query, idempotent = false, body = body,
+    plain_query = true }
 end
 
 local GET_PARAMS = { assetId = true, productKey = true, deviceKey = true, requireSecret = true, orgId = true }
@@ -586,7 +590,7 @@ function CALLS.get_device(self, p)
   ok, err = check_bool(p, "requireSecret")
   if not ok then return nil, err end
   if p.requireSecret and self.api_version ~= "v2.1" then query.requireSecret = "true" end
-  return { method = "GET", path = self:_path("devices"), query = query }
+  return { method = "GET", path = self:_path("devices"), query = query, plain_query = true }
 end
 
 local SEARCH_PARAMS = { expression = true, pageNo = true, pageSize = true, requireSecret = true, orgId = true }
