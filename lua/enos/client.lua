@@ -271,6 +271,9 @@ function Client:_token_request(path, extra)
   return { value = data.accessToken, expires_at = now + ttl * 1000, ttl = ttl }
 end
 
+-- Not due for a refresh: more than 10 minutes (or half its lifetime) left.
+local function token_fresh(t, now) return now < t.expires_at - math.min(REFRESH_MARGIN_MS, t.ttl * 1000 / 2) end
+
 -- Returns a valid token, fetching or refreshing as needed. Concurrent callers
 -- (coroutines on a scheduler or in nginx) share one fetch: single flight.
 function Client:_get_token(force)
@@ -283,13 +286,12 @@ function Client:_get_token(force)
   end
   local now = self.clock()
   local tok = self._token
-  local function fresh(t) return now < t.expires_at - math.min(REFRESH_MARGIN_MS, t.ttl * 1000 / 2) end
   -- missing or due: another worker may have refreshed it (the cache lets one caller fetch at a time)
-  if not force and self._token_cache and not (tok and fresh(tok)) then
+  if not force and self._token_cache and not (tok and token_fresh(tok, now)) then
     local cached = self._token_cache:get(self)
     if cached then tok = cached; self._token = cached end
   end
-  if not force and tok and fresh(tok) then return tok.value end
+  if not force and tok and token_fresh(tok, now) then return tok.value end
   self._token_fetching = true
   local newtok, err
   if tok and not force and now < tok.expires_at then
@@ -515,8 +517,14 @@ function Client:_target(p, query)
   return query
 end
 
+local PATHS = {}       -- version → resource → path (the same few strings for every call)
 function Client:_path(resource, version)
-  return "/connect-service/" .. (version or self.api_version) .. "/" .. resource
+  version = version or self.api_version
+  local by = PATHS[version]
+  if not by then by = {} PATHS[version] = by end
+  local p = by[resource]
+  if not p then p = "/connect-service/" .. version .. "/" .. resource by[resource] = p end
+  return p
 end
 
 -- Decrypts the deviceSecret of `data` in place when possible; returns an error
