@@ -1,8 +1,6 @@
 -- One enos batch run for the benchmark; prints a JSON line (elapsed, cpu, rows/s, peak RSS).
 -- usage: batch_bench.lua URL AK SK ORG ROWS CONCURRENCY FIRST KEYFILE|- [check-only]
-local here = arg[0]:match("^(.*)/bench/[^/]*$") or "."
-package.path = here .. "/lua/?.lua;" .. here .. "/lua/?/init.lua;" .. package.path
-package.cpath = here .. "/build/" .. (type(jit) == "table" and "luajit" or "lua5.4") .. "/?.so;" .. package.cpath
+local here = dofile((arg[0]:match("^(.*)/[^/]*$") or ".") .. "/paths.lua")
 local enos = require "enos"
 local batch = require "enos.batch"
 local core = require "enos.core"

@@ -2,9 +2,7 @@
 -- Lua straight through enos.core (signing, multi), with no workflow, client, journal or outputs.
 -- What any Lua design on enos.core pays at least; the gap to enos's batch is enos's own work.
 -- usage: lua_floor.lua URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST   prints one JSON line
-local here = arg[0]:match("^(.*)/bench/[^/]*$") or "."
-package.path = here .. "/lua/?.lua;" .. here .. "/lua/?/init.lua;" .. package.path
-package.cpath = here .. "/build/" .. (type(jit) == "table" and "luajit" or "lua5.4") .. "/?.so;" .. package.cpath
+dofile((arg[0]:match("^(.*)/[^/]*$") or ".") .. "/paths.lua")
 local enos = require "enos"
 local core = require "enos.core"
 local cjson = require "cjson"

@@ -3,9 +3,7 @@
 -- is enos's Lua and C work per row (plan, workflow, client, scheduler, journal, outputs).
 -- usage: stub_bench.lua ROWS [CONCURRENCY]   prints one JSON line
 -- (NOSYNC=1: fsync made a no-op; NOOUT=1: no credentials file; to see what those cost)
-local here = arg[0]:match("^(.*)/bench/[^/]*$") or "."
-package.path = here .. "/lua/?.lua;" .. here .. "/lua/?/init.lua;" .. package.path
-package.cpath = here .. "/build/" .. (type(jit) == "table" and "luajit" or "lua5.4") .. "/?.so;" .. package.cpath
+local here = dofile((arg[0]:match("^(.*)/[^/]*$") or ".") .. "/paths.lua")
 local core = require "enos.core"
 local cjson = require "cjson"
 local rows, conc = tonumber(arg[1] or 3000), tonumber(arg[2] or 64)
