@@ -14,7 +14,7 @@ describe("enos-replace batch", function()
     kp = H.keypair()
     dir = H.tmpdir()
     local devices = {}
-    for i = 1, 120 do
+    for i = 1, 140 do         -- (121-140: the stdin plans)
       devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("B%07d"):format(i) }
     end
     h = sim.start { config = { apps = { { access_key = AK, secret_key = SK, public_key_file = kp.public_file } },
@@ -36,7 +36,7 @@ describe("enos-replace batch", function()
     local o, e = {}, {}
     local code = cli.main { argv = argv, env = env(), stdout = function(s) o[#o + 1] = s end,
       stderr = function(s) e[#e + 1] = s end, isatty = opts.isatty or false,
-      stdin = function() return opts.answer end }
+      stdin = opts.stdin or function() return opts.answer end }
     return code, table.concat(o), table.concat(e)
   end
   local function plan(name, first, last)
@@ -104,6 +104,40 @@ describe("enos-replace batch", function()
       assert.falsy((out .. err):find(d.deviceSecret, 1, true))
     end
     assert.falsy((out .. err):find(SK, 1, true))
+  end)
+
+  it("reads a plan from stdin with -: check (errors named stdin:LINE), run, and the same through a pipe", function()
+    local bad = dir .. "/bad_stdin.csv"
+    H.writefile(bad, "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00121,NEW-00121\npk_demo,OLD-00122,NEW-00121\n")
+    local before = #h:log()
+    local f = assert(io.open(bad, "rb"))
+    local code, _, err = run({ "batch", "-", "--check" }, { stdin = f })
+    f:close()
+    assert.equal(2, code)
+    assert.matches("stdin:3: newDeviceKey NEW%-00121 is also the new key of line 2", err)
+    -- a run needs a journal name and --yes (stdin is the plan, not an answer)
+    f = assert(io.open(plan("p_stdin.csv", 121, 125), "rb"))
+    code, _, err = run({ "batch", "-", "--out", dir .. "/c_stdin.csv", "--yes" }, { stdin = f })
+    assert.equal(2, code)
+    assert.matches("needs %-%-journal", err)
+    code, _, err = run({ "batch", "-", "--out", dir .. "/c_stdin.csv", "--journal", dir .. "/j_stdin" }, { stdin = f })
+    assert.equal(2, code)
+    assert.matches("%-%-yes", err)
+    assert.equal(before, #h:log())
+    code, _, err = run({ "batch", "-", "--out", dir .. "/c_stdin.csv", "--journal", dir .. "/j_stdin", "--yes" },
+      { stdin = f })
+    f:close()
+    assert.equal(0, code, err)
+    assert.matches("5 row%(s%): 5 done", err)
+    for i = 121, 125 do assert.equal(("NEW-%05d"):format(i), h:device(("B%07d"):format(i)).deviceKey) end
+    assert.equal(5, select(2, H.readfile(dir .. "/c_stdin.csv"):gsub(",crew%-12%d\n", "")))
+    -- a real pipe into the real command
+    local cmd = ("cd %s && cat %s | ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=%s ENOS_SECRET_KEY=%s ENOS_ORG_ID=%s "
+      .. "ENOS_PRIVATE_KEY_FILE=%s ENOS_CONFIG=/nonexistent %s bin/enos-replace batch - --out %s --journal %s --yes"
+      .. " >%s/pipe.log 2>&1; echo $?"):format(sim.root, plan("p_pipe.csv", 126, 128), h.url, AK, SK, ORG,
+      kp.private_file, FLAVOUR, dir .. "/c_pipe.csv", dir .. "/j_pipe", dir)
+    assert.equal("0", (H.sh(cmd):gsub("%s+", "")), H.readfile(dir .. "/pipe.log"))
+    for i = 126, 128 do assert.equal(("NEW-%05d"):format(i), h:device(("B%07d"):format(i)).deviceKey) end
   end)
 
   it("a real process killed with -9 mid-run, then --resume: every row done once", function()

@@ -19,7 +19,7 @@ function M.add_command(p, h)
   local b = p:command("batch", "Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably.")
   h.help_flag(b, "batch")
   b:argument("plan", "The plan: CSV with a header (assetId or productKey,deviceKey, then newDeviceKey; other "
-    .. "columns are carried through) or JSON Lines (.jsonl)."):args("?")
+    .. "columns are carried through) or JSON Lines (.jsonl); - reads it from stdin (then --journal is needed)."):args("?")
   b:group("Batch",
     b:option("--concurrency", "Rows in flight at once (default 8)."):argname("<n>"),
     b:option("--qps", "At most this many requests per second (default: no cap)."):argname("<r>"),
@@ -44,6 +44,9 @@ Examples:
    # the process died (or was killed): continue exactly where it stopped
    enos-replace batch plan.csv --out creds.csv --resume --yes
 
+   # the plan from another program (give the journal a name; resume by piping the same plan again)
+   make-plan | enos-replace batch - --journal fleet.journal --out creds.csv --yes
+
 Plan (CSV):
    productKey,deviceKey,newDeviceKey,site
    pk_inverter,INV-2231-A,INV-2231-B,North
@@ -61,10 +64,43 @@ local function fmt_eta(s)
   return string.format("%ds", math.floor(s))
 end
 
+local run_plan
+
 --- Runs the batch command; returns the exit code.
 function M.run(c, args, h)
   local EXIT = h.EXIT
   if not args.plan then h.say(c, "a plan file is required: enos-replace batch PLAN") return EXIT.usage end
+  if args.plan ~= "-" then return run_plan(c, args, h, args.plan, args.plan) end
+  -- The plan on stdin: read whole into a private temporary file (it is read twice: checked, then run).
+  if not args.check and not args.journal then
+    h.say(c, "a plan read from stdin (-) needs --journal FILE (it has no name to derive one from)")
+    return EXIT.usage
+  end
+  if not args.check and not args.yes then
+    h.say(c, "a plan read from stdin (-) leaves no way to ask for confirmation: add --yes")
+    return EXIT.usage
+  end
+  local tmp = os.tmpname()                       -- created 0600 by mkstemp
+  local f, err = io.open(tmp, "wb")
+  if not f then os.remove(tmp) h.say(c, "cannot spool the plan from stdin: %s", tostring(err)) return EXIT.usage end
+  for chunk in c.read_chunk do
+    local ok, werr = f:write(chunk)
+    if not ok then
+      f:close() os.remove(tmp)
+      h.say(c, "cannot spool the plan from stdin: %s", tostring(werr))
+      return EXIT.usage
+    end
+  end
+  f:close()
+  local ok, code = pcall(run_plan, c, args, h, tmp, "stdin")
+  os.remove(tmp)
+  if not ok then error(code, 0) end
+  return code
+end
+
+-- The command on a plan file at plan_path (named plan_name in messages).
+function run_plan(c, args, h, plan_path, plan_name)
+  local EXIT = h.EXIT
   for _, name in ipairs { "concurrency", "qps" } do
     if args[name] ~= nil then
       local n = tonumber(args[name])
@@ -76,10 +112,10 @@ function M.run(c, args, h)
     end
   end
 
-  local chk, cerr = batch.check(args.plan)
+  local chk, cerr = batch.check(plan_path)
   if not chk then h.say(c, "%s", tostring(cerr)) return EXIT.usage end
   if chk.error_count > 0 then
-    for _, e in ipairs(chk.errors) do c.err(string.format("%s:%d: %s\n", args.plan, e.line, e.message)) end
+    for _, e in ipairs(chk.errors) do c.err(string.format("%s:%d: %s\n", plan_name, e.line, e.message)) end
     if chk.error_count > #chk.errors then
       c.err(string.format("… and %d more\n", chk.error_count - #chk.errors))
     end
@@ -88,7 +124,7 @@ function M.run(c, args, h)
     return EXIT.usage
   end
   if args.check then
-    c.err(string.format("%s: %d row(s), no errors\n", args.plan, chk.rows))
+    c.err(string.format("%s: %d row(s), no errors\n", plan_name, chk.rows))
     if args.json then c.out(out.json({ ok = true, rows = chk.rows }, true) .. "\n") end
     return EXIT.ok
   end
@@ -107,7 +143,7 @@ function M.run(c, args, h)
       local r = os.execute("test -d " .. q .. " -a -w " .. q)
       return r == true or r == 0
     end
-    local journal = args.journal or (args.plan .. ".journal")
+    local journal = args.journal or (plan_path .. ".journal")
     local results = args.results or (journal:gsub("%.journal$", "") .. ".results.csv")
     for _, f in ipairs { { "--out", args.out }, { "--journal", journal }, { "--results", results } } do
       local flag, path = f[1], f[2]
@@ -139,7 +175,7 @@ function M.run(c, args, h)
       return EXIT.usage
     end
     c.err(string.format("About to replace %d device(s) from %s at %s (org %s)%s.\nProceed? [y/N] ",
-      chk.rows, args.plan, client.endpoint, tostring(client.org_id),
+      chk.rows, plan_name, client.endpoint, tostring(client.org_id),
       args.resume and ", resuming" or ""))
     local answer = c.readline()
     if not (answer and answer:lower():match("^%s*y[es]*%s*$")) then
@@ -161,7 +197,7 @@ function M.run(c, args, h)
     end
   end
 
-  local s, err = batch.run(client, args.plan, {
+  local s, err = batch.run(client, plan_path, {
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress,

@@ -194,6 +194,15 @@ local function reader(r)
   return function() return r:read("*l") end
 end
 
+-- Reads stdin in chunks (a plan given as "-"): a file handle in blocks, a line reader line by line.
+local function chunk_reader(r)
+  if type(r) == "function" then
+    return function() local l = r() return l and l .. "\n" end
+  end
+  if r == nil then r = io.stdin end
+  return function() return r:read(65536) end
+end
+
 local function new_ctx(ctx)
   local env = ctx.env
   local getenv
@@ -203,6 +212,7 @@ local function new_ctx(ctx)
   return {
     argv = ctx.argv or {}, getenv = getenv,
     out = writer(ctx.stdout, io.stdout), err = writer(ctx.stderr, io.stderr), readline = reader(ctx.stdin),
+    read_chunk = chunk_reader(ctx.stdin),
     isatty = ctx.isatty == true, stderr_tty = ctx.stderr_tty == true, sleep = ctx.sleep, clock = ctx.clock, client_options = ctx.client_options,
   }
 end
