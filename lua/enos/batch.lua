@@ -561,24 +561,29 @@ function M.run(client, plan, opts)
 
   sched.before_wait = commit
 
-  -- 5. The loop: stream rows, keep `concurrency` in flight, group-commit files.
+  -- 5. The loop: `concurrency` tasks, each running rows one after another as the plan streams in
+  -- (a task per worker, not per row: no coroutine and stack to build and collect for every row),
+  -- and the group commit between the scheduler's turns.
   t0 = sched.now()
   local rows, close_plan = plan_rows(plan, o.plan_format)
   local exhausted = false
+  local function next_row()
+    while not exhausted do
+      local row = rows()
+      if row == nil then exhausted = true
+      elseif row then
+        local t = workflow.checked_target(assert(plan_mod.check_row(row.fields)))
+        return { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId, extra = row.extra }
+      end
+    end
+  end
+  local function worker()
+    for row in next_row do run_row(row) end
+  end
   local last_progress = 0
   local ok, run_err = pcall(function()
-    while true do
-      while not exhausted and sched:count() < o.concurrency do
-        local row = rows()
-        if row == nil then exhausted = true break end
-        if row then
-          local t = workflow.checked_target(assert(plan_mod.check_row(row.fields)))
-          local r = { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId,
-            extra = row.extra }
-          sched:spawn(run_row, r)
-        end
-      end
-      if exhausted and sched:count() == 0 then break end
+    for _ = 1, o.concurrency do sched:spawn(worker) end
+    while sched:count() > 0 do
       sched:step(0.05)
       commit()
       if sync_err then error("fsync failed: " .. tostring(sync_err.message or sync_err), 0) end
