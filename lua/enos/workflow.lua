@@ -78,6 +78,11 @@ end
 local DEVICE_FIELDS = { "assetId", "productKey", "deviceKey", "status", "productType", "activeTime",
   "lastOnlineTime", "orgId" }
 
+-- (built once: Lua does not fold the concatenation of literals)
+local NOT_REQUESTED = "the new deviceSecret is not requested (require_secret = false)"
+local NO_PRIVATE_KEY = "no private key configured: the new deviceSecret is not requested; the new hardware will " ..
+  "need dynamic activation, or load the application's private key to read it"
+
 local function ident_of(t)
   if t.assetId then return { assetId = t.assetId, orgId = t.orgId } end
   return { productKey = t.productKey, deviceKey = t.deviceKey, orgId = t.orgId }
@@ -176,12 +181,12 @@ function Ctx:backoff(attempt, err)
   self:sleep_ms(math.floor(ms))
 end
 
--- Retries an idempotent read on retryable (or garbled-reply) errors.
-function Ctx:read(fn)
+-- Retries an idempotent read, fn(...), on retryable (or garbled-reply) errors.
+function Ctx:read(fn, ...)
   local attempt = 0
   while true do
     attempt = attempt + 1
-    local r, e1, e2 = fn()
+    local r, e1, e2 = fn(...)
     if r then return r, e1, e2 end
     local err = e1
     if not (errors.is(err) and (err.retryable or err.kind == "protocol")) or attempt >= self.o.read_attempts then
@@ -464,7 +469,7 @@ local function preflight(ctx, client, target)
     end
   end
   local ident = ident_of(target)
-  local dev, err = ctx:read(function() return client:get_device(ident) end)
+  local dev, err = ctx:read(client.get_device, client, ident)
   if not dev then
     if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
       err.message = "device not found (" .. describe_target(target) .. "): " .. tostring(err.message)
@@ -639,8 +644,9 @@ local function verify(ctx, client, target)
   local report = ctx.report
   local problems, notes = {}, {}
   local dev, err
+  local ident = { assetId = ctx.asset.assetId, orgId = target.orgId }
   for i = 1, ctx.o.verify_attempts do
-    dev, err = ctx:read(function() return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId } end)
+    dev, err = ctx:read(client.get_device, client, ident)
     if dev and dev.deviceKey == target.newDeviceKey then break end
     if i < ctx.o.verify_attempts then ctx:sleep_ms(ctx.o.settle_ms) end
   end
@@ -839,9 +845,7 @@ function M.replace(client, target, opts)
   end
   report.require_secret = ctx.require_secret
   if client.api_version ~= "v2.1" and not ctx.require_secret then
-    ctx:warn(o.require_secret == false and "the new deviceSecret is not requested (require_secret = false)" or
-      "no private key configured: the new deviceSecret is not requested; the new hardware will need dynamic " ..
-      "activation, or load the application's private key to read it")
+    ctx:warn(o.require_secret == false and NOT_REQUESTED or NO_PRIVATE_KEY)
   end
 
   local dev
