@@ -116,6 +116,35 @@ describe("client token handling", function()
     assert.equal(1, #stub:api_requests())
   end)
 
+  it("a 1001 (an earlier request's encryption was taken, its reply lost) gets one new request, new timestamp",
+    function()
+    local n = 0
+    local stub = H.stub(function() return H.envelope { assetId = "a1" } end, { token_handler = function()
+      n = n + 1
+      if n == 1 then
+        return { status = 200, headers = {}, body = cjson.encode { status = 1001, msg = "repeated request" } }
+      end
+      return { status = 200, headers = {}, body = cjson.encode { status = 0, data = { accessToken = "tok-2", expire = 7200 } } }
+    end })
+    local c = client(stub)
+    assert(c:get_device { assetId = "a1" })
+    assert.equal(2, n)
+    local t1, t2 = cjson.decode(stub.requests[1].body), cjson.decode(stub.requests[2].body)
+    assert.not_equal(t1.timestamp, t2.timestamp)
+    assert.not_equal(t1.encryption, t2.encryption)
+    assert.is_true(stub.requests[1].once)         -- never re-sent as is by the transport
+    -- a second 1001 is an error (kind auth, code 1001)
+    n = 0
+    local stub2 = H.stub(nil, { token_handler = function()
+      n = n + 1
+      return { status = 200, headers = {}, body = cjson.encode { status = 1001, msg = "repeated request" } }
+    end })
+    local _, err = client(stub2):get_device { assetId = "a1" }
+    assert.equal(2, n)
+    assert.equal("auth", err.kind)
+    assert.equal(1001, err.code)
+  end)
+
   it("maps token-service failures to auth/config with the status code", function()
     for code, kind in pairs { [1002] = "config", [1003] = "auth", [1004] = "config", [1005] = "server" } do
       local stub = H.stub(nil, { token_handler = function()

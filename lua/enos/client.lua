@@ -243,6 +243,9 @@ function Client:_token_request(path, extra)
   local res, err = self:_send_raw {
     method = "POST", url = self.endpoint .. path, body = body,
     headers = { ["Content-Type"] = "application/json" }, timeout = self.timeout,
+    -- never re-sent as is (libcurl would, on a kept-alive connection that died): the service refuses an
+    -- encryption it has seen (1001); a new request with a new timestamp is the retry
+    once = true,
   }
   if not res then return nil, err end
   -- an HTTP error is the gateway's (503 outage, 429 throttling), whatever JSON it carries: never "auth"
@@ -297,7 +300,11 @@ function Client:_get_token(force)
   if tok and not force and now < tok.expires_at then
     newtok = self:_token_request(TOKEN_REFRESH, tok.value)
   end
-  if not newtok then newtok, err = self:_token_request(TOKEN_GET) end
+  if not newtok then
+    newtok, err = self:_token_request(TOKEN_GET)
+    -- 1001: an earlier request of ours was taken but its reply lost; one more with a fresh timestamp
+    if not newtok and err.code == 1001 then newtok, err = self:_token_request(TOKEN_GET) end
+  end
   self._token_fetching = false
   if not newtok then
     if self._token_cache and self._token_cache.abort then self._token_cache:abort(self) end
