@@ -18,7 +18,8 @@ M.OPTIONS = {
   concurrency = "number", qps = "number", retry_attempts = "number", backoff_ms = "number",
   backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
-  results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any", plan_format = "string",
+  results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
+  plan_format = "string",
 }
 
 M.DEFAULTS = {
