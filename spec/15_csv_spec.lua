@@ -1,12 +1,21 @@
--- core.csv_row: the batch's credentials and results lines, written in C with csv_cell's rule.
+-- core.csv_row: the batch's credentials and results lines, written in C, against the rule written in Lua.
 local core = require "enos.core"
-local batch = require "enos.batch"
 local plan = require "enos.plan"
 
--- csv_cell (the rule in Lua) over the same columns: what csv_row must produce
+-- The rule: quoted when holding , " CR LF; a leading = + @ TAB CR, or '-' followed by anything but
+-- [%w_.-], gets a ' (a spreadsheet would evaluate it).
+local function csv_cell(v)
+  if v == nil then return "" end
+  v = tostring(v)
+  if v:match("^[=+@\t\r]") or (v:match("^%-") and not v:match("^%-[%w_.%-]*$")) then v = "'" .. v end
+  if v:find('[,"\r\n]') then v = '"' .. v:gsub('"', '""') .. '"' end
+  return v
+end
+
+-- csv_cell over the same columns: what csv_row must produce
 local function reference(rec, columns)
   local cells = {}
-  for i, c in ipairs(columns) do cells[i] = batch.csv_cell(rec[c]) end
+  for i, c in ipairs(columns) do cells[i] = csv_cell(rec[c]) end
   return table.concat(cells, ",") .. "\n"
 end
 

@@ -37,23 +37,6 @@ M.DEFAULTS = {
 
 -- ---------------------------------------------------------------- output files
 
--- CSV cell: quoted when needed; a leading = + - @ that would make a
--- spreadsheet evaluate it is neutralised with a quote mark.
-local function csv_cell(v)
-  if v == nil then return "" end
-  v = tostring(v)
-  local first = v:byte(1)
-  -- the common case (a key, a secret, a number) needs neither quoting nor neutralising
-  if first and first ~= 61 and first ~= 43 and first ~= 64 and first ~= 45 and first > 13
-    and not v:find('[,"\r\n]') then
-    return v
-  end
-  if v:match("^[=+@\t\r]") or (v:match("^%-") and not v:match("^%-[%w_.%-]*$")) then v = "'" .. v end
-  if v:find('[,"\r\n]') then v = '"' .. v:gsub('"', '""') .. '"' end
-  return v
-end
-M.csv_cell = csv_cell
-
 local Out = {}
 Out.__index = Out
 
@@ -69,9 +52,9 @@ local function open_out(path, columns, format, resume)
   end
   local self = setmetatable({ path = path, f = f, buf = {}, columns = columns, format = format }, Out)
   if format == "csv" and (created or not resume) then
-    local cells = {}
-    for i, c in ipairs(columns) do cells[i] = csv_cell(c) end
-    self.buf[1] = table.concat(cells, ",") .. "\n"
+    local names = {}
+    for _, c in ipairs(columns) do names[c] = c end
+    self.buf[1] = core.csv_row(names, columns)          -- the header: each column its own name
   end
   return self
 end
@@ -80,7 +63,8 @@ function Out:add(rec)
   if self.format == "jsonl" then
     self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
   else
-    self.buf[#self.buf + 1] = core.csv_row(rec, self.columns)      -- csv_cell's rule, in C
+    -- quoted when needed; a cell a spreadsheet would evaluate (= + @ -…) gets a leading '
+    self.buf[#self.buf + 1] = core.csv_row(rec, self.columns)
   end
 end
 
@@ -314,9 +298,10 @@ function M.run(client, plan, opts)
   -- on resume (read back after ts + timeout + settle). A row writes it when it starts, so its fsync
   -- overlaps the preflight; a replace sent later than half the settle time after it writes a fresh one.
   local function sending(row, timeout)
-    local seq = journal:append { key = row.key, line = row.line, state = "sending",
-      assetId = row.assetId, newDeviceKey = row.target.newDeviceKey, timeout = timeout }
-    row.sending_seq, row.sending_ts = seq, core.now_ms()
+    local rec = { key = row.key, line = row.line, state = "sending", assetId = row.assetId,
+      newDeviceKey = row.target.newDeviceKey, timeout = timeout }
+    row.sending_seq = journal:append(rec)
+    row.sending_ts = rec.ts                  -- the time a resume will count from
   end
   local sending_slack = (o.settle_ms or 2000) / 2
 
