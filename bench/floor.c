@@ -1,6 +1,8 @@
 /* The floor: the same signed calls as an enos batch row (get, replaceDevice,
  * get), written directly against libcurl multi and OpenSSL, N rows in flight.
- * usage: floor URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST
+ * usage: floor URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST [perform|socket]
+ * The loop: "perform" (default) is libcurl's plain multi loop, curl_multi_perform + curl_multi_poll;
+ * "socket" is its event-driven API, curl_multi_socket_action over epoll (what enos.core.multi does).
  * Rows are productKey pk_demo, deviceKey OLD-%07d -> NEW-%07d, i = FIRST..FIRST+ROWS-1.
  * Prints one JSON line: rows, ok, elapsed_s, cpu_s. */
 #define _POSIX_C_SOURCE 200809L
@@ -9,6 +11,7 @@
 #include <string.h>
 #include <time.h>
 #include <sys/resource.h>
+#include <sys/epoll.h>
 #include <curl/curl.h>
 #include <openssl/evp.h>
 
@@ -37,6 +40,45 @@ static void hex_sha256(const char *s, size_t n, char out[65]) {
   unsigned char md[32]; unsigned int l = 0;
   EVP_Digest(s, n, md, &l, EVP_sha256(), NULL);
   for (int i = 0; i < 32; i++) sprintf(out + 2 * i, "%02x", md[i]);
+}
+
+/* The socket loop's state: libcurl tells which sockets to watch and when its timer expires. */
+static int EP = -1;
+static long long DEADLINE = -1;
+
+static long long mono_ms(void) {
+  struct timespec ts; clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static int on_socket(CURL *e, curl_socket_t fd, int what, void *u, void *sp) {
+  struct epoll_event ev = {0};
+  (void)e; (void)u; (void)sp;
+  if (what == CURL_POLL_REMOVE) { epoll_ctl(EP, EPOLL_CTL_DEL, fd, NULL); return 0; }
+  ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0) | (what & CURL_POLL_OUT ? EPOLLOUT : 0);
+  ev.data.fd = fd;
+  if (epoll_ctl(EP, EPOLL_CTL_MOD, fd, &ev) != 0) epoll_ctl(EP, EPOLL_CTL_ADD, fd, &ev);
+  return 0;
+}
+
+static int on_timer(CURLM *m, long ms, void *u) {
+  (void)m; (void)u;
+  DEADLINE = ms < 0 ? -1 : mono_ms() + ms;
+  return 0;
+}
+
+/* One turn of the socket loop: wait for a socket or the timer, and let libcurl act on it. */
+static void socket_turn(CURLM *m) {
+  struct epoll_event evs[256];
+  int running, n, i, wait = 1000;
+  if (DEADLINE >= 0) { long long left = DEADLINE - mono_ms(); wait = left < 0 ? 0 : left < 1000 ? (int)left : 1000; }
+  n = epoll_wait(EP, evs, 256, wait);
+  for (i = 0; i < n; i++) {
+    int f = (evs[i].events & EPOLLIN ? CURL_CSELECT_IN : 0) | (evs[i].events & EPOLLOUT ? CURL_CSELECT_OUT : 0) |
+      (evs[i].events & (EPOLLERR | EPOLLHUP) ? CURL_CSELECT_ERR : 0);
+    curl_multi_socket_action(m, evs[i].data.fd, f, &running);
+  }
+  if (DEADLINE >= 0 && mono_ms() >= DEADLINE) { DEADLINE = -1; curl_multi_socket_action(m, CURL_SOCKET_TIMEOUT, 0, &running); }
 }
 
 static long long now_ms(void) {
@@ -108,12 +150,19 @@ int main(int argc, char **argv) {
   if (argc < 8) { fprintf(stderr, "usage: floor URL AK SK ORG ROWS CONCURRENCY FIRST\n"); return 2; }
   URL = argv[1]; AK = argv[2]; SK = argv[3]; ORG = argv[4];
   int rows = atoi(argv[5]), conc = atoi(argv[6]), first = atoi(argv[7]);
+  int socket_loop = argc > 8 && strcmp(argv[8], "socket") == 0;
   curl_global_init(CURL_GLOBAL_DEFAULT);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
   get_token();
   CURLM *m = curl_multi_init();
   curl_multi_setopt(m, CURLMOPT_MAXCONNECTS, (long)conc * 2);
+  if (socket_loop) {
+    EP = epoll_create1(EPOLL_CLOEXEC);
+    if (EP < 0) { perror("epoll_create1"); return 1; }
+    curl_multi_setopt(m, CURLMOPT_SOCKETFUNCTION, on_socket);
+    curl_multi_setopt(m, CURLMOPT_TIMERFUNCTION, on_timer);
+  }
   slot *slots = calloc((size_t)conc, sizeof *slots);
   int next = first, last = first + rows, ok = 0, active = 0;
   for (int i = 0; i < conc && next < last; i++) {
@@ -129,9 +178,13 @@ int main(int argc, char **argv) {
   }
   while (active > 0) {
     int running, nmsg;
-    curl_multi_perform(m, &running);
-    curl_multi_poll(m, NULL, 0, 1000, NULL);
-    curl_multi_perform(m, &running);
+    if (socket_loop) {
+      socket_turn(m);
+    } else {
+      curl_multi_perform(m, &running);
+      curl_multi_poll(m, NULL, 0, 1000, NULL);
+      curl_multi_perform(m, &running);
+    }
     CURLMsg *msg;
     while ((msg = curl_multi_info_read(m, &nmsg))) {
       if (msg->msg != CURLMSG_DONE) continue;

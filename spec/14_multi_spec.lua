@@ -17,6 +17,8 @@ local LOCATIONS = [[
     }
     location = /fast { return 200 'ok'; }
     location = /drop { return 444; }
+    location = /hang { content_by_lua_block { ngx.sleep(10) ngx.say('late') } }
+    location = /close { content_by_lua_block { ngx.header["Connection"] = "close" ngx.say(ngx.var.arg_i) } }
 ]]
 
 describe("libcurl multi + scheduler", function()
@@ -61,6 +63,61 @@ describe("libcurl multi + scheduler", function()
     assert.equal("transport", out.drop.kind)
     assert.is_true(out.drop.request_sent)
     assert.equal("ok", out.ok.body)
+  end)
+
+  describe("the event loop (libcurl's socket API over epoll)", function()
+    it("a request's timeout fires while its socket stays silent", function()
+      local m = core.multi { timeout = 0.3 }
+      local id = m:add { url = srv.url .. "/hang" }
+      local t0, done = core.monotonic_ms(), nil
+      while not done and core.monotonic_ms() - t0 < 5000 do
+        for _, d in ipairs(m:wait(1)) do if d.id == id then done = d end end
+      end
+      local took = core.monotonic_ms() - t0
+      assert.is_table(done, "no completion within 5 s")
+      assert.equal("timeout", done.err.kind)
+      assert.is_true(took >= 250 and took < 2000, "took " .. took .. " ms for a 300 ms timeout")
+      assert.equal(0, m:pending())
+      m:close()
+    end)
+
+    it("an idle wait sleeps its time, and a finished worker job ends it at once", function()
+      local m = core.multi {}
+      local t0 = core.monotonic_ms()
+      assert.same({}, m:wait(0.2))
+      local idle = core.monotonic_ms() - t0
+      assert.is_true(idle >= 180, "an idle wait(0.2) returned after " .. idle .. " ms")
+      local dir = H.tmpdir()
+      local f = assert(core.open_file(dir .. "/j", "excl"))
+      local id = m:fsync(f)
+      t0 = core.monotonic_ms()
+      local got = {}
+      while #got == 0 and core.monotonic_ms() - t0 < 10000 do got = m:wait(5) end
+      local took = core.monotonic_ms() - t0
+      assert.equal(id, got[1] and got[1].id)
+      assert.is_true(took < 2000, "the job's wake-up took " .. took .. " ms (a wait(5) slept through it)")
+      f:close()
+      m:close()
+    end)
+
+    it("200 transfers, 64 at a time, on connections the server closes after each reply", function()
+      -- (descriptor numbers come back for new sockets again and again: the epoll set must follow)
+      local s = scheduler.new { timeout = 5, max_connections = 64 }
+      local got, news = {}, 0
+      for w = 1, 64 do
+        s:spawn(function()
+          for i = w, 200, 64 do
+            local res, err = s.transport:send { url = srv.url .. "/close?i=" .. i }
+            got[i] = res and res.body or err.kind
+            if res then news = news + res.new_connections end
+          end
+        end)
+      end
+      assert(s:run())
+      for i = 1, 200 do assert.equal(i .. "\n", got[i]) end
+      assert.equal(200, news)               -- every one on a new connection
+      s:close()
+    end)
   end)
 
   it("sleep yields to other tasks", function()

@@ -2,14 +2,26 @@
  * requests and waits for completions; a coroutine scheduler in Lua resumes the
  * caller whose transfer finished (design.md). Transfers are pooled and the
  * multi handle's connection cache keeps connections alive (HTTP/2 multiplexed
- * where the server speaks it). */
+ * where the server speaks it).
+ *
+ * On Linux the loop is event-driven: libcurl's socket API (curl_multi_socket_action)
+ * over an epoll set, so a wake-up costs what is ready, not what is in flight
+ * (curl_multi_perform visits every transfer and polls each one's socket: at 64
+ * transfers in flight that is 64 system calls for one reply). The worker thread
+ * wakes the loop through an eventfd in the same set. Elsewhere: perform + poll. */
 #include <stdlib.h>
 #include <string.h>
 #include <errno.h>
 #include <unistd.h>
 #include <fcntl.h>
+#include <time.h>
 #include "http.h"
 #include "worker.h"
+#ifdef __linux__
+#define ENOS_EPOLL 1
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#endif
 
 typedef struct xnode {
   enos_xfer x;
@@ -28,7 +40,69 @@ typedef struct {
   int jobs;                    /* worker jobs submitted and not yet collected */
   enos_worker worker;          /* decryption and fsync off the event loop */
   int open;
+#ifdef ENOS_EPOLL
+  int ep, evfd;                /* the epoll set (libcurl's sockets + evfd); the worker's eventfd */
+  double deadline;             /* when libcurl's timer expires (monotonic ms), or < 0: none */
+  int sock_err;                /* an epoll_ctl failed in the socket callback (errno) */
+#endif
 } enos_multi;
+
+#ifdef ENOS_EPOLL
+static double mono_ms(void) {
+  struct timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
+}
+
+/* CURLMOPT_SOCKETFUNCTION: watch fd for what libcurl waits on. A socket libcurl has not seen
+ * before (sockp NULL, reset when it removes one) is added to the set, then marked. */
+static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp) {
+  enos_multi *m = ud;
+  struct epoll_event ev;
+  int op = sockp ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+  (void)e;
+  if (m->ep < 0) return 0;
+  if (what == CURL_POLL_REMOVE) {
+    epoll_ctl(m->ep, EPOLL_CTL_DEL, fd, NULL);   /* (ENOENT/EBADF: already gone with the socket) */
+    return 0;
+  }
+  memset(&ev, 0, sizeof ev);
+  ev.events = (what & CURL_POLL_IN ? EPOLLIN : 0u) | (what & CURL_POLL_OUT ? EPOLLOUT : 0u);
+  ev.data.fd = fd;
+  if (epoll_ctl(m->ep, op, fd, &ev) != 0) {
+    /* the set and libcurl disagree (a descriptor number reused): the other operation fixes it */
+    int other = op == EPOLL_CTL_ADD ? EPOLL_CTL_MOD : EPOLL_CTL_ADD;
+    if ((errno != EEXIST && errno != ENOENT) || epoll_ctl(m->ep, other, fd, &ev) != 0) {
+      m->sock_err = errno;
+      return -1;
+    }
+  }
+  if (!sockp) curl_multi_assign(m->multi, fd, m);
+  return 0;
+}
+
+/* CURLMOPT_TIMERFUNCTION: libcurl wants socket_action(TIMEOUT) in ms milliseconds (-1: never). */
+static int on_timer(CURLM *multi, long ms, void *ud) {
+  enos_multi *m = ud;
+  (void)multi;
+  m->deadline = ms < 0 ? -1.0 : mono_ms() + (double)ms;
+  return 0;
+}
+
+/* The worker's wake-up (its thread): one write to the eventfd; a pending count is never lost. */
+static void wake_loop(void *ud) {
+  enos_multi *m = ud;
+  uint64_t one = 1;
+  ssize_t r;
+  do r = write(m->evfd, &one, sizeof one); while (r < 0 && errno == EINTR);
+  /* (EAGAIN only when the counter is full: the loop is awake already) */
+}
+#else
+static void wake_loop(void *ud) {
+  enos_multi *m = ud;
+  curl_multi_wakeup(m->multi);      /* thread-safe; wakes the next curl_multi_poll */
+}
+#endif
 
 static enos_multi *check_multi(lua_State *L, int idx) {
   enos_multi *m = luaL_checkudata(L, idx, ENOS_MULTI_MT);
@@ -52,13 +126,36 @@ static int l_multi(lua_State *L) {
   lua_setmetatable(L, -2);
   enos_http_opts_read(L, 1, &m->o);
   m->open = 1;
+#ifdef ENOS_EPOLL
+  m->ep = m->evfd = -1;
+  m->deadline = -1.0;
+  m->ep = epoll_create1(EPOLL_CLOEXEC);
+  if (m->ep < 0) return luaL_error(L, "enos: epoll_create1 failed: %s", strerror(errno));
+  m->evfd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (m->evfd < 0) return luaL_error(L, "enos: eventfd failed: %s", strerror(errno));
+  {
+    struct epoll_event ev;
+    memset(&ev, 0, sizeof ev);
+    ev.events = EPOLLIN;
+    ev.data.fd = m->evfd;
+    if (epoll_ctl(m->ep, EPOLL_CTL_ADD, m->evfd, &ev) != 0)
+      return luaL_error(L, "enos: epoll_ctl failed: %s", strerror(errno));
+  }
+#endif
   m->multi = curl_multi_init();
   if (m->multi == NULL) return luaL_error(L, "enos: curl_multi_init failed");
   if (curl_multi_setopt(m->multi, CURLMOPT_MAXCONNECTS, (long)maxconn) != CURLM_OK ||
       curl_multi_setopt(m->multi, CURLMOPT_PIPELINING, (long)CURLPIPE_MULTIPLEX) != CURLM_OK)
     return luaL_error(L, "enos: libcurl rejected a multi option");
+#ifdef ENOS_EPOLL
+  if (curl_multi_setopt(m->multi, CURLMOPT_SOCKETFUNCTION, on_socket) != CURLM_OK ||
+      curl_multi_setopt(m->multi, CURLMOPT_SOCKETDATA, m) != CURLM_OK ||
+      curl_multi_setopt(m->multi, CURLMOPT_TIMERFUNCTION, on_timer) != CURLM_OK ||
+      curl_multi_setopt(m->multi, CURLMOPT_TIMERDATA, m) != CURLM_OK)
+    return luaL_error(L, "enos: libcurl rejected a multi option");
+#endif
   {
-    const char *bad = enos_worker_init(&m->worker, m->multi);
+    const char *bad = enos_worker_init(&m->worker, wake_loop, m);
     if (bad) return luaL_error(L, "enos: %s", bad);
   }
   return 1;
@@ -194,24 +291,46 @@ static int push_jobs(lua_State *L, enos_multi *m, int i) {
   return i;
 }
 
-/* m:wait(timeout_s) -> {{id=, res=}|{id=, err=}, …} (possibly empty).
- * Drives transfers and waits up to timeout_s for activity. */
-static int multi_wait(lua_State *L) {
-  enos_multi *m = check_multi(L, 1);
-  lua_Number t = luaL_optnumber(L, 2, 1.0);
-  int still = 0, nmsg = 0, i = 0;
-  CURLMsg *msg;
-  if (t < 0) t = 0;
-  if (t > 3600) t = 3600;
-  if (curl_multi_perform(m->multi, &still) != CURLM_OK) return luaL_error(L, "enos: curl_multi_perform failed");
-  if (still == m->running && !enos_worker_has_done(&m->worker)) {
-    /* nothing finished yet: sleep in poll until there is activity or the
-     * timeout (with nothing in flight this is a plain sleep) */
-    if (curl_multi_poll(m->multi, NULL, 0, (int)(t * 1000), NULL) != CURLM_OK)
-      return luaL_error(L, "enos: curl_multi_poll failed");
-    if (curl_multi_perform(m->multi, &still) != CURLM_OK) return luaL_error(L, "enos: curl_multi_perform failed");
+#ifdef ENOS_EPOLL
+/* Runs libcurl's timer when it is due. */
+static int run_timer(enos_multi *m) {
+  int still;
+  if (m->deadline < 0 || mono_ms() < m->deadline) return 1;
+  m->deadline = -1.0;
+  return curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &still) == CURLM_OK;
+}
+
+/* Waits up to t seconds (less when libcurl's timer is due sooner) for a socket, the worker or the
+ * timer, and lets libcurl act on what is ready. 0 on a libcurl failure. */
+static int drive(enos_multi *m, lua_Number t) {
+  struct epoll_event evs[128];
+  int n, i, still, wait_ms = (int)(t * 1000.0 + 0.999);
+  if (m->deadline >= 0) {
+    double left = m->deadline - mono_ms();
+    if (left < wait_ms) wait_ms = left <= 0 ? 0 : (int)(left + 0.999);
   }
-  lua_newtable(L);
+  n = epoll_wait(m->ep, evs, (int)(sizeof evs / sizeof evs[0]), wait_ms);
+  for (i = 0; i < n; i++) {
+    int fd = evs[i].data.fd, flags = 0;
+    if (fd == m->evfd) {
+      uint64_t v;
+      ssize_t r = read(m->evfd, &v, sizeof v);       /* resets the counter; the jobs are collected below */
+      (void)r;
+      continue;
+    }
+    if (evs[i].events & EPOLLIN) flags |= CURL_CSELECT_IN;
+    if (evs[i].events & EPOLLOUT) flags |= CURL_CSELECT_OUT;
+    if (evs[i].events & (EPOLLERR | EPOLLHUP)) flags |= CURL_CSELECT_ERR;
+    if (curl_multi_socket_action(m->multi, fd, flags, &still) != CURLM_OK) return 0;
+  }
+  return run_timer(m);
+}
+#endif
+
+/* Pushes the finished transfers (libcurl's messages) onto the completion list on top of the stack. */
+static int push_transfers(lua_State *L, enos_multi *m, int i) {
+  CURLMsg *msg;
+  int nmsg = 0;
   while ((msg = curl_multi_info_read(m->multi, &nmsg)) != NULL) {
     xnode *n = NULL;
     CURLcode rc;
@@ -235,6 +354,43 @@ static int multi_wait(lua_State *L) {
     put_node(m, n);
     lua_rawseti(L, -2, ++i);
   }
+  return i;
+}
+
+/* m:wait(timeout_s) -> {{id=, res=}|{id=, err=}, …} (possibly empty).
+ * Drives transfers and waits up to timeout_s for activity. */
+static int multi_wait(lua_State *L) {
+  enos_multi *m = check_multi(L, 1);
+  lua_Number t = luaL_optnumber(L, 2, 1.0);
+  int i = 0;
+  if (t < 0) t = 0;
+  if (t > 3600) t = 3600;
+#ifdef ENOS_EPOLL
+  /* what is due or ready now; then, when nothing has finished, sleep until something happens */
+  m->sock_err = 0;
+  if (!run_timer(m) || !drive(m, 0)) return luaL_error(L, "enos: curl_multi_socket_action failed");
+  lua_newtable(L);
+  i = push_transfers(L, m, 0);
+  if (i == 0 && t > 0 && !enos_worker_has_done(&m->worker)) {
+    if (!drive(m, t)) return luaL_error(L, "enos: curl_multi_socket_action failed");
+    i = push_transfers(L, m, 0);
+  }
+  if (m->sock_err) return luaL_error(L, "enos: epoll_ctl failed: %s", strerror(m->sock_err));
+#else
+  {
+    int still = 0;
+    if (curl_multi_perform(m->multi, &still) != CURLM_OK) return luaL_error(L, "enos: curl_multi_perform failed");
+    if (still == m->running && !enos_worker_has_done(&m->worker)) {
+      /* nothing finished yet: sleep in poll until there is activity or the
+       * timeout (with nothing in flight this is a plain sleep) */
+      if (curl_multi_poll(m->multi, NULL, 0, (int)(t * 1000), NULL) != CURLM_OK)
+        return luaL_error(L, "enos: curl_multi_poll failed");
+      if (curl_multi_perform(m->multi, &still) != CURLM_OK) return luaL_error(L, "enos: curl_multi_perform failed");
+    }
+    lua_newtable(L);
+    i = push_transfers(L, m, 0);
+  }
+#endif
   if (m->jobs > 0) push_jobs(L, m, i);
   return 1;
 }
@@ -263,6 +419,11 @@ static int multi_close(lua_State *L) {
   m->free_list = NULL;
   if (m->multi) curl_multi_cleanup(m->multi);
   m->multi = NULL;
+#ifdef ENOS_EPOLL
+  if (m->ep >= 0) close(m->ep);
+  if (m->evfd >= 0) close(m->evfd);
+  m->ep = m->evfd = -1;
+#endif
   enos_http_opts_free(&m->o);
   m->running = 0;
   m->open = 0;

@@ -43,13 +43,13 @@ static void *worker_main(void *ud) {
     pthread_mutex_lock(&w->mu);
     if (w->done_tail) w->done_tail->next = j; else w->done = j;
     w->done_tail = j;
-    if (w->wake) curl_multi_wakeup(w->wake);   /* thread-safe; never lost (wakes the next poll) */
+    if (w->wake) w->wake(w->wake_ud);
   }
   pthread_mutex_unlock(&w->mu);
   return NULL;
 }
 
-const char *enos_worker_init(enos_worker *w, CURLM *wake) {
+const char *enos_worker_init(enos_worker *w, void (*wake)(void *), void *ud) {
   memset(w, 0, sizeof *w);
   if (pthread_mutex_init(&w->mu, NULL) != 0) return "pthread_mutex_init failed";
   if (pthread_cond_init(&w->cv, NULL) != 0) {
@@ -57,6 +57,7 @@ const char *enos_worker_init(enos_worker *w, CURLM *wake) {
     return "pthread_cond_init failed";
   }
   w->wake = wake;
+  w->wake_ud = ud;
   w->inited = 1;
   return NULL;
 }

@@ -5,7 +5,6 @@
 #define ENOS_WORKER_H
 
 #include <pthread.h>
-#include <curl/curl.h>
 #include <openssl/evp.h>
 #include "enos.h"
 
@@ -38,7 +37,8 @@ typedef struct {
   int started, stop, inited;
   enos_job *queue, *queue_tail;  /* waiting to run */
   enos_job *done, *done_tail;    /* finished, not yet collected */
-  CURLM *wake;                  /* woken (curl_multi_wakeup) when a job finishes */
+  void (*wake)(void *);         /* called (from the worker thread) when a job finishes */
+  void *wake_ud;
 } enos_worker;
 
 /* secret.c: reads (key, sessionKey, deviceSecret, pad, mode, kf, enc) at idx..idx+6 (raises on misuse). */
@@ -50,8 +50,9 @@ void enos_decrypt_args_free(enos_decrypt_args *a);
 /* file.c: the descriptor of the enos.file at idx (raises when closed). */
 int enos_file_fd(lua_State *L, int idx);
 
-/* Returns NULL, or why the worker could not be set up. */
-const char *enos_worker_init(enos_worker *w, CURLM *wake);
+/* Returns NULL, or why the worker could not be set up. wake(ud) must be thread-safe and never lose a
+ * wake-up (it wakes the event loop's next wait). */
+const char *enos_worker_init(enos_worker *w, void (*wake)(void *), void *ud);
 /* Queues j (the worker owns it from now on); starts the thread on first use. NULL or an error. */
 const char *enos_worker_submit(enos_worker *w, enos_job *j);
 /* Detaches and returns the finished jobs (a list through ->next, in completion order). */
