@@ -1,8 +1,10 @@
 /* The floor: the same signed calls as an enos batch row (get, replaceDevice,
  * get), written directly against libcurl multi and OpenSSL, N rows in flight.
- * usage: floor URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST [perform|socket]
+ * usage: floor URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST [perform|socket [SPIN_US]]
  * The loop: "perform" (default) is libcurl's plain multi loop, curl_multi_perform + curl_multi_poll;
  * "socket" is its event-driven API, curl_multi_socket_action over epoll (what enos.core.multi does).
+ * SPIN_US (not used by make bench): CPU burnt per reply, a model of a client with more work per
+ * call, to see how throughput on this shared machine follows the client's CPU per row.
  * Rows are productKey pk_demo, deviceKey OLD-%07d -> NEW-%07d, i = FIRST..FIRST+ROWS-1.
  * Prints one JSON line: rows, ok, elapsed_s, cpu_s. */
 #define _POSIX_C_SOURCE 200809L
@@ -151,6 +153,7 @@ int main(int argc, char **argv) {
   URL = argv[1]; AK = argv[2]; SK = argv[3]; ORG = argv[4];
   int rows = atoi(argv[5]), conc = atoi(argv[6]), first = atoi(argv[7]);
   int socket_loop = argc > 8 && strcmp(argv[8], "socket") == 0;
+  long spin_us = argc > 9 ? atol(argv[9]) : 0;
   curl_global_init(CURL_GLOBAL_DEFAULT);
   struct timespec t0, t1;
   clock_gettime(CLOCK_MONOTONIC, &t0);
@@ -190,6 +193,12 @@ int main(int argc, char **argv) {
       if (msg->msg != CURLMSG_DONE) continue;
       slot *s; curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&s);
       curl_multi_remove_handle(m, s->h); active--;
+      if (spin_us > 0) {
+        struct timespec a, b;
+        clock_gettime(CLOCK_THREAD_CPUTIME_ID, &a);
+        do clock_gettime(CLOCK_THREAD_CPUTIME_ID, &b);
+        while ((b.tv_sec - a.tv_sec) * 1000000L + (b.tv_nsec - a.tv_nsec) / 1000 < spin_us);
+      }
       int good = msg->data.result == CURLE_OK && s->body.p && strstr(s->body.p, "\"code\":0");
       if (good && s->stage == 0) {
         char *a = strstr(s->body.p, "\"assetId\":\"");

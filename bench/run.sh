@@ -18,7 +18,7 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/app.pem"
 openssl pkey -in "$OUT/app.pem" -pubout -out "$OUT/app.pub"
 
 sum_mem=0; for m in $MEM_ROWS; do sum_mem=$((sum_mem + m)); done
-TOTAL=$((ROWS * 5 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
+TOTAL=$((ROWS * 6 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
 lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))
@@ -48,11 +48,14 @@ check_all() {
 # Each round runs every kind once, back to back: the machine's speed drifts (a VM), so each kind is compared
 # with the floor of its own round, and the medians over the rounds are reported. Runs: $OUT/runs.<kind>.jsonl
 echo "bench: throughput at concurrency $CONC, $ROWS rows each (get + replaceDevice + get per row), $REPEAT rounds"
-for k in floor luafloor enos jit secret; do : > "$OUT/runs.$k.jsonl"; done
+for k in floor sfloor luafloor enos jit secret; do : > "$OUT/runs.$k.jsonl"; done
 for _ in $(seq "$REPEAT"); do
   r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor: rows failed')" <<< "$r"
   echo "$r" >> "$OUT/runs.floor.jsonl"
+  r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
+  lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor (socket): rows failed')" <<< "$r"
+  echo "$r" >> "$OUT/runs.sfloor.jsonl"
   r=$(lua5.4 bench/lua_floor.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'lua floor: rows failed')" <<< "$r"
   echo "$r" >> "$OUT/runs.luafloor.jsonl"
@@ -67,6 +70,8 @@ done
 echo "bench: enos's own CPU per row with the network faked (bench/stub_bench.lua)"
 stub54=$(lua5.4 bench/stub_bench.lua "$ROWS" "$CONC" | field us_per_row)
 stubjit=$(luajit bench/stub_bench.lua "$ROWS" "$CONC" | field us_per_row)
+wf54=$(lua5.4 bench/stub_bench.lua 20000 workflow | field us_per_row)
+wfjit=$(luajit bench/stub_bench.lua 20000 workflow | field us_per_row)
 
 echo "bench: curl-per-replace shell loop, $CURL_ROWS replaces"
 tok=$(curl -s -X POST "$URL/apim-token-service/v2.0/token/get" -H 'Content-Type: application/json' \
@@ -134,12 +139,12 @@ for m in $MEM_ROWS; do
     "$(echo "$r" | field rate)")")
 done
 
-lua5.4 - "$ROWS" "$OUT" "$loop_rate" "$decrypt_ms" "$CONC" "$stub54" "$stubjit" "$REPEAT" <<'LUA'
+lua5.4 - "$ROWS" "$OUT" "$loop_rate" "$decrypt_ms" "$CONC" "$stub54" "$stubjit" "$REPEAT" "$wf54" "$wfjit" <<'LUA'
 local cjson = require "cjson"
 local rows, out, loop, dec, conc = tonumber(arg[1]), arg[2], tonumber(arg[3]), tonumber(arg[4]), arg[5]
-local stub54, stubjit, rounds = tonumber(arg[6]), tonumber(arg[7]), arg[8]
+local stub54, stubjit, rounds, wf54, wfjit = tonumber(arg[6]), tonumber(arg[7]), arg[8], tonumber(arg[9]), tonumber(arg[10])
 local runs = {}
-for _, k in ipairs { "floor", "luafloor", "enos", "jit", "secret" } do
+for _, k in ipairs { "floor", "sfloor", "luafloor", "enos", "jit", "secret" } do
   runs[k] = {}
   for l in io.lines(out .. "/runs." .. k .. ".jsonl") do runs[k][#runs[k] + 1] = cjson.decode(l) end
 end
@@ -151,11 +156,11 @@ end
 local function rate(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = rows / r.elapsed_s end return median(t) end
 local function cpu(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s * 1000 / rows end return median(t) end
 -- each round's run of kind k against that round's floor
-local function rate_ratio(k)
-  local t = {} for i, r in ipairs(runs[k]) do t[i] = runs.floor[i].elapsed_s / r.elapsed_s end return median(t)
+local function rate_ratio(k, f)
+  local t = {} for i, r in ipairs(runs[k]) do t[i] = runs[f or "floor"][i].elapsed_s / r.elapsed_s end return median(t)
 end
-local function cpu_ratio(k)
-  local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s / runs.floor[i].cpu_s end return median(t)
+local function cpu_ratio(k, f)
+  local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s / runs[f or "floor"][i].cpu_s end return median(t)
 end
 local function row(name, a, b, note) print(string.format("| %-46s | %9s | %9s | %s |", name, a, b, note or "")) end
 print()
@@ -171,12 +176,19 @@ row("throughput, LuaJIT (rows/s)", ("%.0f"):format(rate "jit"), ("%.0f"):format(
   ("%.0f%%"):format(100 * rate_ratio "jit"))
 row("client CPU per row, LuaJIT (ms)", ("%.3f"):format(cpu "jit"), ("%.3f"):format(cpu "floor"),
   ("%.2fx"):format(cpu_ratio "jit"))
+row("vs the floor on libcurl's socket API (rows/s)", ("%.0f"):format(rate "enos"), ("%.0f"):format(rate "sfloor"),
+  ("%.0f%%, CPU %.2fx (LuaJIT %.0f%%, %.2fx): the floor with enos's own event loop"):format(
+  100 * rate_ratio("enos", "sfloor"), cpu_ratio("enos", "sfloor"), 100 * rate_ratio("jit", "sfloor"),
+  cpu_ratio("jit", "sfloor")))
 row("Lua floor: same calls, enos.core only (rows/s)", ("%.0f"):format(rate "luafloor"), ("%.0f"):format(rate "floor"),
   ("%.0f%%, CPU %.2fx: no workflow, journal or outputs (bench/lua_floor.lua)"):format(100 * rate_ratio "luafloor",
   cpu_ratio "luafloor"))
 local er, ec, sr, sc = rate "enos", cpu "enos", rate "secret", cpu "secret"
 row("enos's own CPU per row, network faked (ms)", ("%.3f / %.3f"):format(stub54 / 1000, stubjit / 1000), "",
   "Lua 5.4 / LuaJIT: plan, workflow, client, scheduler, journal, outputs")
+local budget = 0.3 * cpu "floor" * 1000
+row("the workflow alone, zero-cost transport (us/row)", ("%.0f / %.0f"):format(wf54, wfjit), ("%.0f"):format(budget),
+  "Lua 5.4 / LuaJIT, vs the 1.3x goal's whole budget above the floor (0.3 x its CPU)")
 row("throughput with requireSecret (rows/s)", ("%.0f"):format(sr), "",
   ("decryption %.3f ms/secret, in the worker thread"):format(dec))
 row("client CPU per row with requireSecret (ms)", ("%.3f"):format(sc), "",

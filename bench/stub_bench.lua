@@ -3,6 +3,8 @@
 -- is enos's Lua and C work per row (plan, workflow, client, scheduler, journal, outputs).
 -- usage: stub_bench.lua ROWS [CONCURRENCY]   prints one JSON line
 -- (NOSYNC=1: fsync made a no-op; NOOUT=1: no credentials file; to see what those cost)
+--        stub_bench.lua ROWS workflow   the workflow alone (enos.workflow.replace as the batch runs it,
+--        three client calls) on a transport that costs nothing: no scheduler, journal, plan or outputs
 local here = dofile((arg[0]:match("^(.*)/[^/]*$") or ".") .. "/paths.lua")
 local core = require "enos.core"
 local cjson = require "cjson"
@@ -36,6 +38,40 @@ local function answer(req)
     return '{"code":99400,"msg":"device does not exist","requestId":"r"}'
   end
   return DEVICE:format(key, asset, key, key_of[asset] and "inactive" or "online")
+end
+
+if arg[2] == "workflow" then
+  local enos = require "enos"
+  local workflow = require "enos.workflow"
+  -- replies made once, so the transport costs next to nothing (measured and taken off below)
+  local BEFORE = { status = 200, raw_headers = HEADERS, body = DEVICE:format("OLD-1", "A1", "OLD-1", "online") }
+  local AFTER = { status = 200, raw_headers = HEADERS, body = DEVICE:format("NEW-1", "A1", "NEW-1", "inactive") }
+  local REPLACED = { status = 200, raw_headers = HEADERS, body = REPLACE:format("A1", "NEW-1") }
+  local TOKEN = { status = 200, raw_headers = HEADERS, body = answer { url = "/token/" } }
+  local replaced = false
+  local function send(_, req)
+    local url = req.url
+    if url:find("/token/", 1, true) then return TOKEN end
+    if url:find("replaceDevice", 1, true) then replaced = true return REPLACED end
+    if replaced then replaced = false return AFTER end
+    return BEFORE
+  end
+  local c = assert(enos.client { endpoint = "http://127.0.0.1:9", access_key = "ak", secret_key = "sk",
+    org_id = "o15724268424841", transport = { send = send } })
+  local o = assert(workflow.options { verify = true, require_secret = false, steps = false })
+  local req = { url = "/connect-service/v2.4/devices?action=get" }
+  local t0 = os.clock()
+  for _ = 1, rows * 3 do send(nil, req) end
+  local fake_s = os.clock() - t0
+  t0 = os.clock()
+  for _ = 1, rows do
+    local t = workflow.checked_target { productKey = "pk_demo", deviceKey = "OLD-1", newDeviceKey = "NEW-1" }
+    local r = assert(workflow.replace(c, t, o))
+    assert(r.ok and r.outcome == "replaced", "the workflow did not replace and verify")
+  end
+  local cpu = os.clock() - t0 - fake_s
+  print(cjson.encode { rows = rows, cpu_s = cpu, us_per_row = cpu * 1e6 / rows })
+  os.exit(0)
 end
 
 local fake = {}
