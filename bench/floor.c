@@ -185,8 +185,10 @@ int main(int argc, char **argv) {
       socket_turn(m);
     } else {
       curl_multi_perform(m, &running);
-      curl_multi_poll(m, NULL, 0, 1000, NULL);
-      curl_multi_perform(m, &running);
+      if (running == active) {             /* nothing finished yet: wait for activity */
+        curl_multi_poll(m, NULL, 0, 1000, NULL);
+        curl_multi_perform(m, &running);
+      }
     }
     CURLMsg *msg;
     while ((msg = curl_multi_info_read(m, &nmsg))) {

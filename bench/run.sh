@@ -181,8 +181,9 @@ row("vs the floor on libcurl's socket API (rows/s)", ("%.0f"):format(rate "enos"
   100 * rate_ratio("enos", "sfloor"), cpu_ratio("enos", "sfloor"), 100 * rate_ratio("jit", "sfloor"),
   cpu_ratio("jit", "sfloor")))
 row("Lua floor: same calls, enos.core only (rows/s)", ("%.0f"):format(rate "luafloor"), ("%.0f"):format(rate "floor"),
-  ("%.0f%%, CPU %.2fx: no workflow, journal or outputs (bench/lua_floor.lua)"):format(100 * rate_ratio "luafloor",
-  cpu_ratio "luafloor"))
+  ("%.0f%%, CPU %.2fx (vs the socket floor %.0f%%, %.2fx): no workflow, journal or outputs (bench/lua_floor.lua)")
+  :format(100 * rate_ratio "luafloor", cpu_ratio "luafloor", 100 * rate_ratio("luafloor", "sfloor"),
+  cpu_ratio("luafloor", "sfloor")))
 local er, ec, sr, sc = rate "enos", cpu "enos", rate "secret", cpu "secret"
 row("enos's own CPU per row, network faked (ms)", ("%.3f / %.3f"):format(stub54 / 1000, stubjit / 1000), "",
   "Lua 5.4 / LuaJIT: plan, workflow, client, scheduler, journal, outputs")
