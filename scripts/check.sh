@@ -38,6 +38,17 @@ for flavour in lua5.4 luajit; do
   count_tap "$LOG/busted-$flavour.tap" "busted $flavour" $rc
 done
 
+# the transport's portable loop (curl_multi_perform + poll, for systems without epoll), built and run too
+note "busted (lua5.4, the portable multi loop: -DENOS_NO_EPOLL)"
+mkdir -p build/portable/enos
+make -s SO=build/portable/enos/core.so CFLAGS="-O2 -g -DENOS_NO_EPOLL" LUA=lua5.4 build/portable/enos/core.so \
+  > "$LOG/portable-build.log" 2>&1 &&
+  busted --lua=lua5.4 --cpath="build/portable/?.so" -o TAP spec/13_transport_spec.lua spec/14_multi_spec.lua \
+    > "$LOG/busted-portable.tap" 2>&1
+rc=$?
+grep -A4 '^not ok' "$LOG/busted-portable.tap" 2>/dev/null | head -n 40; tail -n 5 "$LOG/portable-build.log"
+count_tap "$LOG/busted-portable.tap" "busted lua5.4 portable loop" $rc
+
 if [ "${SKIP_MEMCHECK:-}" != 1 ]; then
   # quick forms of make valgrind / make asan / make fuzz (the C-level specs; the fuzz seeds replayed)
   note "valgrind memcheck (quick)"
