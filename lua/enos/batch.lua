@@ -362,17 +362,27 @@ function M.run(client, plan, opts)
   })
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
   -- its task ends now, so the slot goes to the next row instead of waiting on the disk.
-  local durable, first_durable, last_durable = {}, 1, 0   -- {seq, count} in journal order (a queue)
-  local function finish_row(row, state, fields, count)
-    local rec = { key = row.key, line = row.line, state = state }
-    for k, v in pairs(fields or {}) do rec[k] = v end
+  -- The queue, in journal order: the record's sequence number, and what to count (an outcome, or an error).
+  local q_seq, q_what, first_durable, last_durable = {}, {}, 1, 0
+  local function finish_row(row, rec, what)
+    rec.key, rec.line = row.key, row.line
     last_durable = last_durable + 1
-    durable[last_durable] = { journal:append(rec), count }
+    q_seq[last_durable], q_what[last_durable] = journal:append(rec), what
+  end
+  local function count(what)
+    if type(what) == "string" then          -- done: "replaced" or "reconciled"
+      stats.done = stats.done + 1
+      if what == "reconciled" then stats.reconciled = stats.reconciled + 1 else stats.replaced = stats.replaced + 1 end
+    else                                    -- failed (or unknown): the error
+      stats.failed = stats.failed + 1
+      local k = what and what.kind or "unknown"
+      stats.failed_by_kind[k] = (stats.failed_by_kind[k] or 0) + 1
+    end
   end
   local function counted(upto)        -- applies the counts of rows whose record is now durable
-    while first_durable <= last_durable and durable[first_durable][1] <= upto do
-      durable[first_durable][2]()
-      durable[first_durable] = nil
+    while first_durable <= last_durable and q_seq[first_durable] <= upto do
+      count(q_what[first_durable])
+      q_seq[first_durable], q_what[first_durable] = nil, nil
       first_durable = first_durable + 1
     end
   end
@@ -399,19 +409,6 @@ function M.run(client, plan, opts)
     rec.newDeviceKey, rec.assetId, rec.outcome = t.newDeviceKey, assetId, outcome
     rec.error_kind, rec.error_code, rec.message = e and e.kind, e and e.code, e and e.message
     results:add(rec)
-  end
-
-  local function count_failed(e)
-    stats.failed = stats.failed + 1
-    local k = e and e.kind or "unknown"
-    stats.failed_by_kind[k] = (stats.failed_by_kind[k] or 0) + 1
-  end
-  local function count_done(outcome)
-    return function()
-      stats.done = stats.done + 1
-      if outcome == "reconciled" then stats.reconciled = stats.reconciled + 1
-      else stats.replaced = stats.replaced + 1 end
-    end
   end
 
   -- Reads back a device whose replace may have happened (in flight when the
@@ -468,14 +465,14 @@ function M.run(client, plan, opts)
           deviceSecret = d.deviceSecret, encrypted = d.encrypted }
         deliver(row, new, "reconciled")
         result(row, "reconciled", d.assetId)
-        finish_row(row, "done", { outcome = "reconciled", assetId = d.assetId, productKey = d.productKey,
-          newDeviceKey = d.deviceKey, encrypted = d.encrypted }, count_done("reconciled"))
+        finish_row(row, { state = "done", outcome = "reconciled", assetId = d.assetId, productKey = d.productKey,
+          newDeviceKey = d.deviceKey, encrypted = d.encrypted }, "reconciled")
         row_of[coroutine.running()] = nil
         return
       elseif d == false then
         local e = errors.new("transport", "could not read the device back to reconcile; resume again")
         result(row, "unknown", prev.assetId, e)
-        count_failed(e)
+        count(e)
         row_of[coroutine.running()] = nil
         return
       end
@@ -488,8 +485,7 @@ function M.run(client, plan, opts)
       -- replaced, but the secret never reached us: not done until a resume reads it back
       local e = errors.new("transport", "replaced, but the new secret could not be read; resume to recover it")
       result(row, "unknown", report.new.assetId, e)
-      finish_row(row, "unknown", { assetId = report.new.assetId, error = err_fields(e) },
-        function() count_failed(e) end)
+      finish_row(row, { state = "unknown", assetId = report.new.assetId, error = err_fields(e) }, e)
       row_of[coroutine.running()] = nil
       return
     end
@@ -498,14 +494,14 @@ function M.run(client, plan, opts)
       deliver(row, new, report.outcome)
       local warn = report.error
       result(row, report.outcome, new.assetId, warn)
-      finish_row(row, "done", { outcome = report.outcome, assetId = new.assetId, productKey = new.productKey,
+      finish_row(row, { state = "done", outcome = report.outcome, assetId = new.assetId, productKey = new.productKey,
         newDeviceKey = new.deviceKey, encrypted = new.encrypted,
-        warning = warn and err_fields(warn) or nil }, count_done(report.outcome))
+        warning = warn and err_fields(warn) or nil }, report.outcome)
     else
       local unknown = err and err.report and err.report.outcome == "unknown"
       result(row, unknown and "unknown" or "failed", row.assetId, err)
-      finish_row(row, unknown and "unknown" or "failed", { assetId = row.assetId, error = err_fields(err) },
-        function() count_failed(err) end)
+      finish_row(row, { state = unknown and "unknown" or "failed", assetId = row.assetId, error = err_fields(err) },
+        err or false)
     end
     row_of[coroutine.running()] = nil
   end
