@@ -293,24 +293,54 @@ static int push_jobs(lua_State *L, enos_multi *m, int i) {
 }
 
 #ifdef ENOS_EPOLL
-/* Runs libcurl's timer when it is due. */
+/* Runs libcurl's timer when it is due. libcurl calls on_timer only when its earliest expiry
+ * changes; a timer that fired a little early (it reports whole milliseconds, truncated) leaves
+ * that expiry as it was and calls nothing: the timer is then re-armed from curl_multi_timeout,
+ * or that transfer would wait for some other event. */
 static int run_timer(enos_multi *m) {
   int still;
+  long ms = -1;
   if (m->deadline < 0 || mono_ms() < m->deadline) return 1;
   m->deadline = -1.0;
-  return curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &still) == CURLM_OK;
+  if (curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &still) != CURLM_OK) return 0;
+  if (m->deadline < 0) {
+    if (curl_multi_timeout(m->multi, &ms) != CURLM_OK) return 0;
+    if (ms >= 0) m->deadline = mono_ms() + (double)ms;
+  }
+  return 1;
+}
+
+/* epoll_wait for up to `ms` milliseconds, to the microsecond where the system allows (epoll_pwait2,
+ * Linux 5.11, glibc 2.35): a batch's group commit paces its fsyncs in milliseconds, and a wait
+ * rounded up to the next whole millisecond delays every row that waits on its journal record. */
+static int wait_events(enos_multi *m, struct epoll_event *evs, int max, double ms) {
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || (__GLIBC__ == 2 && __GLIBC_MINOR__ >= 35))
+  static int no_pwait2 = 0;
+  if (!no_pwait2) {
+    struct timespec ts;
+    int n;
+    double us = ms * 1000.0;
+    ts.tv_sec = (time_t)(us / 1e6);
+    ts.tv_nsec = (long)((us - (double)ts.tv_sec * 1e6) * 1000.0);
+    n = epoll_pwait2(m->ep, evs, max, &ts, NULL);
+    if (n >= 0 || errno != ENOSYS) return n;
+    no_pwait2 = 1;                           /* an older kernel: whole milliseconds below */
+  }
+#endif
+  return epoll_wait(m->ep, evs, max, (int)(ms + 0.999));
 }
 
 /* Waits up to t seconds (less when libcurl's timer is due sooner) for a socket, the worker or the
  * timer, and lets libcurl act on what is ready. 0 on a libcurl failure. */
 static int drive(enos_multi *m, lua_Number t) {
   struct epoll_event evs[128];
-  int n, i, still, wait_ms = (int)(t * 1000.0 + 0.999);
+  int n, i, still;
+  double wait = t * 1000.0;                  /* ms */
   if (m->deadline >= 0) {
     double left = m->deadline - mono_ms();
-    if (left < wait_ms) wait_ms = left <= 0 ? 0 : (int)(left + 0.999);
+    if (left < wait) wait = left <= 0 ? 0 : left;
   }
-  n = epoll_wait(m->ep, evs, (int)(sizeof evs / sizeof evs[0]), wait_ms);
+  n = wait_events(m, evs, (int)(sizeof evs / sizeof evs[0]), wait);
   for (i = 0; i < n; i++) {
     int fd = evs[i].data.fd, flags = 0;
     if (fd == m->evfd) {
