@@ -188,6 +188,8 @@ function H.nginx(locations, tls)
     listen = ("listen 127.0.0.1:%d ssl;"):format(port)
     extra = ("ssl_certificate %s/cert.pem; ssl_certificate_key %s/key.pem;"):format(prefix, prefix)
   end
+  local srv = { url = ("%s://127.0.0.1:%d"):format(tls and "https" or "http", port), prefix = prefix,
+    cert = tls and prefix .. "/cert.pem" or nil }
   H.run_nginx(prefix, ([[
   lua_package_path "/usr/share/lua/5.1/?.lua;;";
   keepalive_requests 1000;
@@ -196,10 +198,7 @@ function H.nginx(locations, tls)
     %s
     %s
   }
-]]):format(listen, extra, locations), ("%s://127.0.0.1:%d/"):format(tls and "https" or "http", port), "warn")
-  local scheme = tls and "https" or "http"
-  local srv = { url = ("%s://127.0.0.1:%d"):format(scheme, port), prefix = prefix,
-    cert = tls and prefix .. "/cert.pem" or nil }
+]]):format(listen, extra, locations), srv.url .. "/", "warn")
   function srv.stop()
     if srv.stopped then return end
     srv.stopped = true

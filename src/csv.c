@@ -4,7 +4,7 @@
  * from rec: nil is empty, a number or a boolean is written as tostring writes it, anything
  * else is an error. A cell holding , " CR or LF is quoted (quotes doubled). A cell starting
  * with = + @ TAB or CR, or with '-' followed by anything but [A-Za-z0-9_.-], gets a leading '
- * so that a spreadsheet does not evaluate it. (enos.batch's csv_cell is the same rule in Lua.)
+ * so that a spreadsheet does not evaluate it (spec 15 keeps the rule in Lua as its reference).
  * Rows carry device secrets: the working buffer is cleansed when it grows and when freed. */
 #include <stdlib.h>
 #include <string.h>

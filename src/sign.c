@@ -134,8 +134,6 @@ static kv *collect_query(lua_State *L, int idx, size_t *count, kv *small) {
   return arr;
 }
 
-/* signature(token, app_secret, query, body|nil, timestamp)
- *   -> hex(SHA-256(token .. k1 v1 k2 v2 … .. body .. T .. SK)) */
 /* The signature over a sorted query (arguments as for signature()); pushes the hex. */
 static void push_signature(lua_State *L, const kv *q, size_t nq) {
   char tbuf[32], hex[65];
@@ -155,6 +153,8 @@ static void push_signature(lua_State *L, const kv *q, size_t nq) {
   lua_pushlstring(L, hex, 64);
 }
 
+/* signature(token, app_secret, query, body|nil, timestamp)
+ *   -> hex(SHA-256(token .. k1 v1 k2 v2 … .. body .. T .. SK)) */
 static int l_signature(lua_State *L) {
   size_t nq;
   kv small[SMALL_QUERY];

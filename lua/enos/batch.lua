@@ -441,7 +441,6 @@ function M.run(client, plan, opts)
   end
 
   local function run_row(row)
-    row_of[coroutine.running()] = row
     local prev = journal.state.by_key[row.key]
     if prev and prev.state == "done" then
       if cred and not present[row.target.newDeviceKey] and prev.assetId then
@@ -455,7 +454,6 @@ function M.run(client, plan, opts)
         deliver(row, new, "done")
       end
       stats.skipped = stats.skipped + 1
-      row_of[coroutine.running()] = nil
       return
     end
     if prev and (prev.state == "sending" or prev.state == "unknown") then
@@ -467,13 +465,11 @@ function M.run(client, plan, opts)
         result(row, "reconciled", d.assetId)
         finish_row(row, { state = "done", outcome = "reconciled", assetId = d.assetId, productKey = d.productKey,
           newDeviceKey = d.deviceKey, encrypted = d.encrypted }, "reconciled")
-        row_of[coroutine.running()] = nil
         return
       elseif d == false then
         local e = errors.new("transport", "could not read the device back to reconcile; resume again")
         result(row, "unknown", prev.assetId, e)
         count(e)
-        row_of[coroutine.running()] = nil
         return
       end
     end
@@ -486,7 +482,6 @@ function M.run(client, plan, opts)
       local e = errors.new("transport", "replaced, but the new secret could not be read; resume to recover it")
       result(row, "unknown", report.new.assetId, e)
       finish_row(row, { state = "unknown", assetId = report.new.assetId, error = err_fields(e) }, e)
-      row_of[coroutine.running()] = nil
       return
     end
     if report and report.new then
@@ -503,7 +498,6 @@ function M.run(client, plan, opts)
       finish_row(row, { state = unknown and "unknown" or "failed", assetId = row.assetId, error = err_fields(err) },
         err or false)
     end
-    row_of[coroutine.running()] = nil
   end
 
   -- Group commit. Each turn writes what rows produced (credentials first, then the journal), and
@@ -559,8 +553,13 @@ function M.run(client, plan, opts)
       end
     end
   end
-  local function worker()
-    for row in next_row do run_row(row) end
+  local function worker()             -- (row_of: the row a task's requests belong to, for the transport)
+    local co = coroutine.running()
+    for row in next_row do
+      row_of[co] = row
+      run_row(row)
+    end
+    row_of[co] = nil
   end
   local last_progress = 0
   local ok, run_err = pcall(function()

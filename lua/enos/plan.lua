@@ -228,10 +228,16 @@ function M.check_row(fields)
   }
 end
 
+-- The key of the device productKey/deviceKey in an org (built without a target table: the check asks
+-- it for every row's new key too).
+local function device_key(org, product, key)
+  return "d:" .. (org or "") .. ":" .. product .. ":" .. key
+end
+
 --- A stable key naming a row's target (for duplicates and the journal).
 function M.target_key(t)
   if t.assetId then return "a:" .. (t.orgId or "") .. ":" .. t.assetId end
-  return "d:" .. (t.orgId or "") .. ":" .. t.productKey .. ":" .. t.deviceKey
+  return device_key(t.orgId, t.productKey, t.deviceKey)
 end
 
 --- Checks a whole plan (streamed). Returns {rows = n, errors = {{line, message}…}}.
@@ -270,7 +276,7 @@ function M.check(path, format, max_errors)
           end
         end
         -- a new key that an earlier row's device has now (same product: keys are per product)
-        local earlier = t.productKey and targets["d:" .. (t.orgId or "") .. ":" .. t.productKey .. ":" .. nk]
+        local earlier = t.productKey and targets[device_key(t.orgId, t.productKey, nk)]
         if earlier and earlier ~= row.line then
           add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. earlier
             .. " (chained renames are not supported in one batch)")

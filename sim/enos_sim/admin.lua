@@ -14,6 +14,14 @@ local LOOPBACK = { ["127.0.0.1"] = true, ["::1"] = true }
 local function ok(data) return util.send(200, { code = 0, msg = "OK", data = data == nil and util.null or data }) end
 local function err(status, msg) return util.send(status, { code = status, msg = msg }) end
 
+-- A device description's fields, copied (a deviceName given as a string becomes EnOS's i18n object).
+local function fields_of(d)
+  local fields = {}
+  for k, v in pairs(d) do fields[k] = v end
+  if type(fields.deviceName) == "string" then fields.deviceName = { defaultValue = fields.deviceName, i18nValue = {} } end
+  return fields
+end
+
 --- Seed one device from an admin/config description; returns dev or nil, message.
 function M.seed(d)
   if type(d) ~= "table" then return nil, "a device must be an object" end
@@ -24,10 +32,7 @@ function M.seed(d)
     local gw = store.get(tostring(d.gateway))
     if not gw or gw.productType ~= "Gateway" then return nil, "gateway " .. tostring(d.gateway) .. " is not a gateway device" end
   end
-  local fields = {}
-  for k, v in pairs(d) do fields[k] = v end
-  if type(fields.deviceName) == "string" then fields.deviceName = { defaultValue = fields.deviceName, i18nValue = {} } end
-  local dev, e = devices.insert(org, fields)
+  local dev, e = devices.insert(org, fields_of(d))
   if not dev then return nil, e.msg end
   return dev
 end
@@ -39,10 +44,8 @@ function M.seed_config()
   for _, d in ipairs(list) do
     local p = conf.products[d.productKey]
     if not p then error("enos-sim: seed device: product " .. tostring(d.productKey) .. " does not exist") end
-    local fields = {}
-    for k, v in pairs(d) do fields[k] = v end
+    local fields = fields_of(d)
     fields.deviceKey = fields.deviceKey or util.random_alnum(10)
-    if type(fields.deviceName) == "string" then fields.deviceName = { defaultValue = fields.deviceName, i18nValue = {} } end
     local dev = devices.new_device(d.orgId or conf.default_org(), p, fields)
     store.put(dev)
     if d.gateway then store.attach(d.gateway, dev.assetId) end
