@@ -354,6 +354,40 @@ describe("enos.transport.ngx inside nginx", function()
     assert.equal("tok-old", r.after_abort)   -- the waiter gets what is there and may fetch itself
     assert.is_true(r.gone)
   end)
+
+  it("token cache: a holder that stores its token between another's read and lock does not cause a second fetch",
+    function()
+    local r = run([[
+      local cache = require("enos.ngx").token_cache("tokens")
+      local now = ngx.now() * 1000
+      local client = { endpoint = "https://gw2", access_key = "ak", timeout = 2, connect_timeout = 1,
+        clock = function() return ngx.now() * 1000 end }
+      local other = setmetatable({}, { __index = client })    -- another worker's client
+      cache:set(client, { value = "tok-stale", expires_at = now + 60 * 1000, ttl = 7200 })
+      assert(cache:get(client).value == "tok-stale")          -- client holds the lock, goes to refresh
+      -- other reads the stale token; just before its lock attempt, client stores the new one and lets go
+      local real, once = cache.dict, false
+      cache.dict = setmetatable({
+        add = function(_, ...)
+          if not once then
+            once = true
+            cache.dict = real
+            cache:set(client, { value = "tok-new", expires_at = now + 7200 * 1000, ttl = 7200 })
+          end
+          return real:add(...)
+        end,
+      }, { __index = function(_, k) return function(_, ...) return real[k](real, ...) end end })
+      local got = cache:get(other)
+      cache.dict = real
+      local locked = real:get("enos:token:https://gw2|ak:lock")
+      cache:set(other, nil)
+      return { got = got and got.value, interleaved = once, holds = cache.owners[other] ~= nil, locked = locked ~= nil }
+    ]])
+    assert.is_true(r.interleaved)
+    assert.equal("tok-new", r.got)      -- takes the stored token instead of fetching another
+    assert.is_false(r.holds)
+    assert.is_false(r.locked)           -- and leaves the lock free for the next refresh
+  end)
 end)
 
 describe("examples/nginx against the simulator", function()

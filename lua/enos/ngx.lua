@@ -123,6 +123,13 @@ function Cache:get(client)
   local id = string.format("%d:%d", ngx.worker.pid(), owner_seq)
   local won = self.dict:add(lk, id, hold)
   if won then
+    -- the previous holder may have stored its token and let go between our read and our add
+    local now_tok = decode(self.dict:get(key))
+    if now_tok and fresh_enough(now_tok, now_ms(client)) then
+      self.dict:delete(lk)
+      self.stats.hits = self.stats.hits + 1
+      return now_tok
+    end
     self.stats.locks = self.stats.locks + 1
     self.owners[client] = id
     return tok
