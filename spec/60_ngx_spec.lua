@@ -528,10 +528,11 @@ describe("examples/nginx against the simulator", function()
   end)
 
   it("refreshes the shared token from one worker at a time", function()
-    -- a simulator whose tokens live 4 s: clients refresh them 2 s before expiry
+    -- a simulator whose tokens live 8 s: clients refresh them 4 s before expiry (half the lifetime), so
+    -- each batch has 4 s before its token is due again, even on a loaded machine
     local devs = {}
     for i = 1, 24 do devs[i] = { productKey = "pk_demo", deviceKey = ("rf_%02d"):format(i), assetId = ("rf%04d"):format(i) } end
-    local s2 = sim.start { tls = true, config = { token_ttl = 4,
+    local s2 = sim.start { tls = true, config = { token_ttl = 8,
       apps = { { access_key = "rf-ak", secret_key = "ngx-sk-0123456789", public_key_file = kp.public_file } },
       devices = devs } }
     local e
@@ -559,7 +560,7 @@ describe("examples/nginx against the simulator", function()
       batch(1)
       assert.equal(1, token_calls(0))
       local _, seq = s2:log(0)
-      os.execute("sleep 2.5")                  -- now due for refresh in every worker
+      os.execute("sleep 4.2")                  -- now due for refresh in every worker
       batch(9)
       assert.equal(1, token_calls(seq))
     end)
