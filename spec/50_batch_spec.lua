@@ -168,6 +168,30 @@ describe("batch against the simulator", function()
     assert.matches("resume", err.message)
   end)
 
+  it("a read that loses four connections in a row is retried (read_attempts, default 8), not failed", function()
+    local plan = dir .. "/drops.csv"
+    H.writefile(plan, "assetId,newDeviceKey\nA0000031,NEW-00031\n")
+    h:admin("POST", "/faults", { drop_share = 1, match = "get", count = 4 })
+    local s = assert(batch.run(client(), plan, { concurrency = 1, journal = dir .. "/jdrops", out = dir .. "/cdrops.csv",
+      settle_ms = 10, backoff_ms = 5 }))
+    h:admin("DELETE", "/faults")
+    local dropped = 0
+    for _, e in ipairs(h:log()) do if e.op == "get" and e.status == 444 then dropped = dropped + 1 end end
+    assert.equal(4, dropped)
+    assert.equal(0, s.failed, H.readfile(dir .. "/jdrops.results.csv"))
+    assert.equal(1, s.done)
+    assert.equal("NEW-00031", h:device("A0000031").deviceKey)
+    -- with the workflow's own 3 read attempts, the same drops fail the row (and change nothing)
+    H.writefile(plan, "assetId,newDeviceKey\nA0000032,NEW-00032\n")
+    h:admin("POST", "/faults", { drop_share = 1, match = "get", count = 4 })
+    s = assert(batch.run(client(), plan, { concurrency = 1, journal = dir .. "/jdrops3", settle_ms = 10, backoff_ms = 5,
+      read_attempts = 3 }))
+    h:admin("DELETE", "/faults")
+    assert.equal(1, s.failed)
+    assert.equal(1, s.failed_by_kind.transport)
+    assert.equal("OLD-00032", h:device("A0000032").deviceKey)
+  end)
+
   -- Wraps core.multi for one batch: tracks the journal bytes known durable (a worker fsync completed;
   -- the size at its submission) and calls on_add(req, durable_bytes) for each request handed over.
   local function watch_multi(journal, on_add)

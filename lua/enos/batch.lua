@@ -16,7 +16,7 @@ local M = {}
 --- Options and their types (anything else is refused, so a typo is not silently ignored).
 M.OPTIONS = {
   concurrency = "number", qps = "number", retry_attempts = "number", backoff_ms = "number",
-  backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number",
+  backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number", read_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
   plan_format = "string",
@@ -31,6 +31,7 @@ M.DEFAULTS = {
   verify = true,
   check_free = false,      -- the replace's own 11702 already refuses a taken key, changing nothing
   max_attempts = 8,        -- replace attempts per row (the workflow reads back between them)
+  read_attempts = 8,       -- attempts of each read (preflight, read-back, verify) a dropped connection fails
   progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
   commit_ms = 3,           -- group commit: at most one journal fsync started per commit_ms
 }
@@ -163,7 +164,9 @@ end
 -- the check failed; then nothing was sent).
 -- opts: concurrency, qps, out (credentials file), format (csv|jsonl), journal,
 -- results, resume, require_secret, verify, check_free, progress (true | function(p)),
--- retry_attempts, backoff_ms, backoff_max_ms, sleep-free: the scheduler does the waiting.
+-- retry_attempts (sends of a request refused with 429/503), max_attempts (replace attempts), read_attempts
+-- (attempts of each read), backoff_ms, backoff_max_ms (the 429 pause and the workflow's retries), settle_ms,
+-- commit_ms. Sleep-free: the scheduler does the waiting.
 function M.run(client, plan, opts)
   if type(client) ~= "table" then error("enos.batch.run: client expected", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("enos.batch.run: opts must be a table", 2) end
@@ -182,7 +185,7 @@ function M.run(client, plan, opts)
   if o.qps ~= nil and (type(o.qps) ~= "number" or o.qps <= 0) then
     return nil, errors.arg("qps", "qps must be a positive number")
   end
-  for _, k in ipairs { "retry_attempts", "max_attempts" } do
+  for _, k in ipairs { "retry_attempts", "max_attempts", "read_attempts" } do
     if o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
   end
   for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval", "commit_ms" } do
@@ -358,6 +361,7 @@ function M.run(client, plan, opts)
   local wf_opts = assert(workflow.options {
     sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
+    read_attempts = o.read_attempts, backoff_ms = o.backoff_ms, backoff_max_ms = o.backoff_max_ms,
     steps = false,              -- the batch keeps its own records: no per-row step list
   })
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
@@ -426,7 +430,7 @@ function M.run(client, plan, opts)
       or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
       or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
     ident.requireSecret = require_secret or nil
-    for attempt = 1, 3 do
+    for attempt = 1, o.read_attempts do
       local d, err = client:get_device(ident)
       if d then
         if d.deviceKey ~= t.newDeviceKey then return nil end
@@ -435,7 +439,7 @@ function M.run(client, plan, opts)
       elseif err.kind == "not_found" then
         return nil
       end
-      sched:sleep(math.min(5, 0.5 * 2 ^ attempt))
+      if attempt < o.read_attempts then sched:sleep(math.min(o.backoff_max_ms, o.backoff_ms * 2 ^ attempt) / 1000) end
     end
     return false
   end
