@@ -388,6 +388,23 @@ describe("enos.transport.ngx inside nginx", function()
     assert.is_false(r.holds)
     assert.is_false(r.locked)           -- and leaves the lock free for the next refresh
   end)
+
+  it("token cache: a worker whose old token was rejected does not drop the newer one another worker stored", function()
+    local r = run([[
+      local cache = require("enos.ngx").token_cache("tokens")
+      local now = ngx.now() * 1000
+      local client = { endpoint = "https://gw3", access_key = "ak", clock = function() return ngx.now() * 1000 end }
+      cache:set(client, { value = "tok-2", expires_at = now + 7200 * 1000, ttl = 7200 })
+      cache:set(client, nil, "tok-1")              -- the gateway refused tok-1: tok-2 is someone else's, newer
+      local kept = cache:get(client)
+      cache:set(client, nil, "tok-2")              -- the stored one itself refused: dropped
+      local after = cache:get(client)
+      cache:abort(client)
+      return { kept = kept and kept.value, after = after and after.value or "nil" }
+    ]])
+    assert.equal("tok-2", r.kept)
+    assert.equal("nil", r.after)
+  end)
 end)
 
 describe("examples/nginx against the simulator", function()

@@ -438,7 +438,7 @@ function Client:_call(spec)
       -- fetches one (shared with concurrent callers).
       if self._token and self._token.value == token then
         self._token = nil
-        if self._token_cache then self._token_cache:set(self, nil) end
+        if self._token_cache then self._token_cache:set(self, nil, token) end  -- (only if still that one)
       end
     else
       return self:_interpret(res, doc)

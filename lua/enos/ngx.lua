@@ -73,7 +73,7 @@ local owner_seq = 0
 
 --- A token cache in a `lua_shared_dict` (declare it in nginx.conf: `lua_shared_dict enos_tokens 1m;`).
 -- Implements the client's `token_cache` protocol: `get(client)` → {value, expires_at, ttl} | nil and
--- `set(client, tok | nil)`, plus `abort(client)` after a failed fetch. When the cached token is missing
+-- `set(client, tok | nil [, rejected value])`, plus `abort(client)` after a failed fetch. When the cached token is missing
 -- or due for refresh, `get` lets exactly one caller (across all workers) go and fetch: it takes a
 -- lock (`shdict:add` with an expiry, so a crashed holder cannot wedge the others) and returns the
 -- stale token (or nil); every other caller waits, yielding, until the new token is stored or the
@@ -148,11 +148,13 @@ function Cache:get(client)
   return decode(self.dict:get(key))
 end
 
---- Stores a token for every worker (nil drops it), and releases this caller's refresh lock.
-function Cache:set(client, tok)
+--- Stores a token for every worker, and releases this caller's refresh lock. `set(client, nil, rejected)`
+-- drops the stored token if it is still `rejected` (another worker may have stored a newer one meanwhile).
+function Cache:set(client, tok, rejected)
   local key = key_of(client)
   if tok == nil then
-    self.dict:delete(key)
+    local cur = rejected and decode(self.dict:get(key))
+    if not (cur and cur.value ~= rejected) then self.dict:delete(key) end
   else
     local ttl_s = (tok.expires_at - now_ms(client)) / 1000
     if ttl_s > 0 then
