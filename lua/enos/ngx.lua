@@ -132,7 +132,7 @@ function Cache:get(client)
     end
     self.stats.locks = self.stats.locks + 1
     self.owners[client] = id
-    return tok
+    return now_tok
   end
   -- someone else is fetching: wait for its token (or for its lock to go away)
   if not tngx.COSOCKET_PHASES[phase()] then return tok end
