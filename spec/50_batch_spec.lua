@@ -194,8 +194,9 @@ describe("batch against the simulator", function()
 
   -- Wraps core.multi for one batch: tracks the journal bytes known durable (a worker fsync completed;
   -- the size at its submission) and calls on_add(req, durable_bytes) for each request handed over.
-  local function watch_multi(journal, on_add)
-    local real_multi, w, at_submit = core.multi, { durable_bytes = 0 }, {}
+  -- hold_ms: the first fsync's completion is reported that long after its submission (a slow disk).
+  local function watch_multi(journal, on_add, hold_ms)
+    local real_multi, w, at_submit, submitted, held = core.multi, { durable_bytes = 0 }, {}, {}, nil
     core.multi = function(...)
       local m = real_multi(...)
       return setmetatable({
@@ -205,13 +206,23 @@ describe("batch against the simulator", function()
         end,
         fsync = function(_, file)
           local id = m:fsync(file)
+          submitted[id] = core.now_ms()
           local f = io.open(journal, "rb")
           at_submit[id] = f and f:seek("end") or 0
           if f then f:close() end
           return id
         end,
         wait = function(_, t)
+          if held then t = math.min(t, math.max(0, (held.at - core.now_ms()) / 1000)) end
           local list = m:wait(t)
+          for i, d in ipairs(list) do
+            if hold_ms and not w.held and at_submit[d.id] then
+              held, w.held = { d = d, at = submitted[d.id] + hold_ms }, true
+              table.remove(list, i)
+              break
+            end
+          end
+          if held and core.now_ms() >= held.at then list[#list + 1], held = held.d, nil end
           for _, d in ipairs(list) do
             if at_submit[d.id] and d.res then w.durable_bytes = math.max(w.durable_bytes, at_submit[d.id]) end
           end
@@ -246,7 +257,7 @@ describe("batch against the simulator", function()
   end)
 
   -- every replace handed to libcurl must find a durable "sending" record of its row at most settle/2 old
-  local function watch_sending(journal, settle)
+  local function watch_sending(journal, settle, hold_ms)
     local v = { bad = {}, replaces = 0, early = 0 }
     v.w = watch_multi(journal, function(req, durable_bytes)
       if not (req.once and req.url:find("action=replaceDevice", 1, true)) then return end
@@ -260,7 +271,7 @@ describe("batch against the simulator", function()
       if not best then v.bad[#v.bad + 1] = "no durable sending record for " .. key
       elseif now - best.ts > settle / 2 + 5 then v.bad[#v.bad + 1] = ("%s: record %d ms old"):format(key, now - best.ts)
       elseif not best.assetId then v.early = v.early + 1 end      -- the one written when the row started
-    end)
+    end, hold_ms)
     return v
   end
 
@@ -277,6 +288,25 @@ describe("batch against the simulator", function()
     assert.equal(200, v.replaces)
     assert.same({}, v.bad)
     assert.is_true(v.early > 0)        -- most replaces went out on the record written at the row's start
+  end)
+
+  it("a 'sending' record that ages past settle/2 while its fsync is awaited is written afresh before the replace",
+    function()
+    -- the row's first record: written at the row's start, checked after a 50 ms preflight (50 ms old: fine),
+    -- durable only at 150 ms (a slow disk): by then older than settle/2 (100 ms), so it cannot be the one
+    local plan, journal = dir .. "/plan_slowsync.csv", dir .. "/j_slowsync"
+    write_plan(plan, 1)
+    h:admin("POST", "/faults", { latency_ms = 50, match = "get" })
+    local v = watch_sending(journal, 200, 150)
+    local ok, s = pcall(batch.run, client(), plan, { concurrency = 1, journal = journal, settle_ms = 200 })
+    v.w.restore()
+    h:admin("DELETE", "/faults")
+    assert(ok, s)
+    assert(s, "batch failed")
+    assert.equal(1, s.done)
+    assert.is_true(v.w.held)
+    assert.equal(1, v.replaces)
+    assert.same({}, v.bad)
   end)
 
   it("a replace retried after a 429's Retry-After writes a fresh 'sending' record first", function()
