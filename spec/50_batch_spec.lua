@@ -275,18 +275,27 @@ describe("batch against the simulator", function()
     return v
   end
 
-  it("a replace leaves only once a durable 'sending' record of its row, at most settle/2 old, is in the journal",
-    function()
-    local plan, journal = dir .. "/plan_send.csv", dir .. "/j_send"
-    write_plan(plan, 200)
-    local v = watch_sending(journal, 2000)
-    local ok, s = pcall(batch.run, client(), plan, { concurrency = 16, journal = journal, settle_ms = 2000 })
+  -- Runs a plan of `rows` rows with watch_sending on, under a simulator fault (if any); returns summary, watch.
+  local function run_watched(name, rows, settle, opts, fault, hold_ms)
+    local plan, journal = dir .. "/plan_" .. name .. ".csv", dir .. "/j_" .. name
+    write_plan(plan, rows)
+    if fault then h:admin("POST", "/faults", fault) end
+    local v = watch_sending(journal, settle, hold_ms)
+    opts.journal, opts.settle_ms = journal, settle
+    local ok, s = pcall(batch.run, client(), plan, opts)
     v.w.restore()
+    if fault then h:admin("DELETE", "/faults") end
     assert(ok, s)
     assert(s, "batch failed")
-    assert.equal(200, s.done)
-    assert.equal(200, v.replaces)
+    assert.equal(rows, s.done)
     assert.same({}, v.bad)
+    return s, v
+  end
+
+  it("a replace leaves only once a durable 'sending' record of its row, at most settle/2 old, is in the journal",
+    function()
+    local _, v = run_watched("send", 200, 2000, { concurrency = 16 })
+    assert.equal(200, v.replaces)
     assert.is_true(v.early > 0)        -- most replaces went out on the record written at the row's start
   end)
 
@@ -294,34 +303,15 @@ describe("batch against the simulator", function()
     function()
     -- the row's first record: written at the row's start, checked after a 50 ms preflight (50 ms old: fine),
     -- durable only at 150 ms (a slow disk): by then older than settle/2 (100 ms), so it cannot be the one
-    local plan, journal = dir .. "/plan_slowsync.csv", dir .. "/j_slowsync"
-    write_plan(plan, 1)
-    h:admin("POST", "/faults", { latency_ms = 50, match = "get" })
-    local v = watch_sending(journal, 200, 150)
-    local ok, s = pcall(batch.run, client(), plan, { concurrency = 1, journal = journal, settle_ms = 200 })
-    v.w.restore()
-    h:admin("DELETE", "/faults")
-    assert(ok, s)
-    assert(s, "batch failed")
-    assert.equal(1, s.done)
+    local _, v = run_watched("slowsync", 1, 200, { concurrency = 1 }, { latency_ms = 50, match = "get" }, 150)
     assert.is_true(v.w.held)
     assert.equal(1, v.replaces)
-    assert.same({}, v.bad)
   end)
 
   it("a replace retried after a 429's Retry-After writes a fresh 'sending' record first", function()
-    local plan, journal = dir .. "/plan_send429.csv", dir .. "/j_send429"
-    write_plan(plan, 20)
-    h:admin("POST", "/faults", { rate_limit = { status = 429, retry_after = 1, share = 0.15 } })
-    local v = watch_sending(journal, 1000)
-    local ok, s = pcall(batch.run, client(), plan, { concurrency = 8, journal = journal, settle_ms = 1000 })
-    v.w.restore()
-    h:admin("DELETE", "/faults")
-    assert(ok, s)
-    assert(s, "batch failed")
-    assert.equal(20, s.done)
+    local s = run_watched("send429", 20, 1000, { concurrency = 8 },
+      { rate_limit = { status = 429, retry_after = 1, share = 0.15 } })
     assert.is_true(s.retries > 0)
-    assert.same({}, v.bad)
   end)
 
   it("a JSONL plan by assetId, results file with every row's outcome", function()
