@@ -33,9 +33,9 @@ static int l_now_ms(lua_State *L) {
 
 /* monotonic_ms() -> a monotonic clock in ms (for durations and deadlines) */
 static int l_monotonic_ms(lua_State *L) {
-  struct timespec ts;
-  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return luaL_error(L, "enos: clock_gettime failed");
-  lua_pushnumber(L, (lua_Number)ts.tv_sec * 1000 + (lua_Number)ts.tv_nsec / 1e6);
+  double ms = enos_monotonic_ms();
+  if (ms < 0) return luaL_error(L, "enos: clock_gettime failed");
+  lua_pushnumber(L, (lua_Number)ms);
   return 1;
 }
 

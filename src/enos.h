@@ -17,6 +17,8 @@ void enos_cleanse(void *p, size_t n);
 void enos_free_secret(void *p, size_t n);
 void enos_hex_lower(const unsigned char *in, size_t n, char *out);
 int enos_push_errtable(lua_State *L, const char *kind, const char *message);
+/* A monotonic clock in ms (durations, deadlines); < 0 if the clock cannot be read. */
+double enos_monotonic_ms(void);
 
 /* Module parts: each registers its functions into the table on top of the stack. */
 void enos_open_sign(lua_State *L);

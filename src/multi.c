@@ -49,12 +49,6 @@ typedef struct {
 } enos_multi;
 
 #ifdef ENOS_EPOLL
-static double mono_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
-}
-
 /* CURLMOPT_SOCKETFUNCTION: watch fd for what libcurl waits on. A socket libcurl has not seen
  * before (sockp NULL, reset when it removes one) is added to the set, then marked. */
 static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp) {
@@ -86,7 +80,7 @@ static int on_socket(CURL *e, curl_socket_t fd, int what, void *ud, void *sockp)
 static int on_timer(CURLM *multi, long ms, void *ud) {
   enos_multi *m = ud;
   (void)multi;
-  m->deadline = ms < 0 ? -1.0 : mono_ms() + (double)ms;
+  m->deadline = ms < 0 ? -1.0 : enos_monotonic_ms() + (double)ms;
   return 0;
 }
 
@@ -128,7 +122,7 @@ static int l_multi(lua_State *L) {
   enos_http_opts_read(L, 1, &m->o);
   m->open = 1;
 #ifdef ENOS_EPOLL
-  m->ep = m->evfd = -1;
+  m->evfd = -1;                     /* (closed by multi_close only when created) */
   m->deadline = -1.0;
   m->ep = epoll_create1(EPOLL_CLOEXEC);
   if (m->ep < 0) return luaL_error(L, "enos: epoll_create1 failed: %s", strerror(errno));
@@ -300,12 +294,12 @@ static int push_jobs(lua_State *L, enos_multi *m, int i) {
 static int run_timer(enos_multi *m) {
   int still;
   long ms = -1;
-  if (m->deadline < 0 || mono_ms() < m->deadline) return 1;
+  if (m->deadline < 0 || enos_monotonic_ms() < m->deadline) return 1;
   m->deadline = -1.0;
   if (curl_multi_socket_action(m->multi, CURL_SOCKET_TIMEOUT, 0, &still) != CURLM_OK) return 0;
   if (m->deadline < 0) {
     if (curl_multi_timeout(m->multi, &ms) != CURLM_OK) return 0;
-    if (ms >= 0) m->deadline = mono_ms() + (double)ms;
+    if (ms >= 0) m->deadline = enos_monotonic_ms() + (double)ms;
   }
   return 1;
 }
@@ -337,7 +331,7 @@ static int drive(enos_multi *m, lua_Number t) {
   int n, i, still;
   double wait = t * 1000.0;                  /* ms */
   if (m->deadline >= 0) {
-    double left = m->deadline - mono_ms();
+    double left = m->deadline - enos_monotonic_ms();
     if (left < wait) wait = left <= 0 ? 0 : left;
   }
   n = wait_events(m, evs, (int)(sizeof evs / sizeof evs[0]), wait);

@@ -1,5 +1,6 @@
 /* Small helpers: cleansing secret buffers, hex, structured errors. */
 #include <stdlib.h>
+#include <time.h>
 #include <openssl/crypto.h>
 #include "enos.h"
 
@@ -21,6 +22,12 @@ void enos_hex_lower(const unsigned char *in, size_t n, char *out) {
     out[2 * i + 1] = digits[in[i] & 0x0f];
   }
   out[2 * n] = '\0';
+}
+
+double enos_monotonic_ms(void) {
+  struct timespec ts;
+  if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0) return -1.0;
+  return (double)ts.tv_sec * 1000.0 + (double)ts.tv_nsec / 1e6;
 }
 
 /* Pushes nil and {kind=, message=}; returns 2 (for `return enos_push_errtable(...)`). */

@@ -307,6 +307,8 @@ function M.run(client, plan, opts)
     row.sending_ts = rec.ts                  -- the time a resume will count from
   end
   local sending_slack = (o.settle_ms or 2000) / 2
+  -- exponential backoff's ceiling after `attempt` tries (ms): the 429 pause and the resume's read-back
+  local function backoff_cap(attempt) return math.min(o.backoff_max_ms, o.backoff_ms * 2 ^ attempt) end
 
   local transport = {
     wait_for = function(_, pred) return sched:wait_for(pred) end,
@@ -324,7 +326,8 @@ function M.run(client, plan, opts)
           for _ = 1, 2 do
             local fresh = not row.sending_seq or core.now_ms() - row.sending_ts > sending_slack
             if fresh then sending(row, req.timeout) end
-            while journal.synced < row.sending_seq do sched:wait_signal("journal") end
+            if journal.synced >= row.sending_seq then break end      -- (durable already: no wait, no aging)
+            repeat sched:wait_signal("journal") until journal.synced >= row.sending_seq
             if fresh or core.now_ms() - row.sending_ts <= sending_slack then break end
           end
         end
@@ -341,8 +344,7 @@ function M.run(client, plan, opts)
         end
         -- backpressure for everyone: honour Retry-After, else full-jitter exponential backoff
         local ra = tonumber(res.headers and res.headers["retry-after"])
-        local cap = math.min(o.backoff_max_ms, o.backoff_ms * 2 ^ attempt)
-        local delay = ra and ra * 1000 or rnd() * cap
+        local delay = ra and ra * 1000 or rnd() * backoff_cap(attempt)
         pause_until = math.max(pause_until, sched.now() + delay)
         stats.retries = stats.retries + 1
       end
@@ -445,7 +447,7 @@ function M.run(client, plan, opts)
       elseif err.kind == "not_found" then
         return nil
       end
-      if attempt < o.read_attempts then sched:sleep(math.min(o.backoff_max_ms, o.backoff_ms * 2 ^ attempt) / 1000) end
+      if attempt < o.read_attempts then sched:sleep(backoff_cap(attempt) / 1000) end
     end
     return false
   end
