@@ -49,6 +49,21 @@ rc=$?
 grep -A4 '^not ok' "$LOG/busted-portable.tap" 2>/dev/null | head -n 40; tail -n 5 "$LOG/portable-build.log"
 count_tap "$LOG/busted-portable.tap" "busted lua5.4 portable loop" $rc
 
+# A checkout that other users cannot enter (/root, mktemp -d, a 0700 home): the nginx servers the specs and
+# the simulator start must still load the checkout's modules. Runs the specs that start nginx workers from a
+# copy of this checkout (build included) in a private directory.
+note "busted (lua5.4) from a private (0700) directory"
+priv=$(mktemp -d /tmp/enos-private.XXXXXX)
+chmod 700 "$priv"
+tar --exclude=./build/check -cf - . | (mkdir "$priv/enos" && cd "$priv/enos" && tar -xf -) &&
+  (cd "$priv/enos" && [ "$(stat -c %a "$priv")" = 700 ] &&
+   busted --lua=lua5.4 --cpath="build/lua5.4/?.so" -o TAP spec/31_sim_cli_spec.lua spec/32_demo_spec.lua \
+     spec/60_ngx_spec.lua) > "$LOG/busted-private.tap" 2>&1
+rc=$?
+rm -rf "$priv"
+grep -A4 '^not ok' "$LOG/busted-private.tap" | head -n 40
+count_tap "$LOG/busted-private.tap" "busted lua5.4 from a 0700 directory" $rc
+
 if [ "${SKIP_MEMCHECK:-}" != 1 ]; then
   # quick forms of make valgrind / make asan / make fuzz (the C-level specs; the fuzz seeds replayed)
   note "valgrind memcheck (quick)"

@@ -45,17 +45,18 @@ local function wait_up(url)
   return false
 end
 
---- A fresh prefix directory (mode 755: workers run as nobody when the spec runs as root).
+--- A fresh prefix directory.
 function M.prefix()
   local prefix = H.tmpdir()
-  H.sh("mkdir -p " .. prefix .. "/logs && chmod 755 " .. prefix)
+  H.sh("mkdir -p " .. prefix .. "/logs")
   return prefix
 end
+
 
 -- Starts nginx with config text `conf` and environment `env` (map). Returns {url, prefix, port, stop, log}.
 function M.start_nginx(conf, port, env, probe, prefix)
   prefix = prefix or M.prefix()
-  H.writefile(prefix .. "/nginx.conf", conf)
+  H.writefile(prefix .. "/nginx.conf", H.nginx_user_line() .. conf)
   local vars = {}
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. q(v) end
   local srv = { url = ("http://127.0.0.1:%d"):format(port), prefix = prefix, port = port }
@@ -88,10 +89,9 @@ end
 function M.start_example(s, opts)
   opts = opts or {}
   local port = H.free_port()
-  -- the simulator's prefix is private; workers (the libcurl transport reads its CA file per request) are not root
   local prefix = M.prefix()
   local ca = prefix .. "/ca.pem"
-  H.sh(("cp %s %s && chmod 644 %s"):format(q(s.ca_file), q(ca), q(ca)))
+  H.sh(("cp %s %s"):format(q(s.ca_file), q(ca)))
   local conf = M.example_conf { port = port, ca_file = ca, workers = opts.workers,
     worker_connections = opts.worker_connections }
   local env = {

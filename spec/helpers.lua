@@ -208,12 +208,22 @@ function H.nginx(locations, tls)
   return srv
 end
 
+--- nginx's `user` line for the specs' servers: workers run as the invoking user, like enos-sim's. Run as
+-- root, nginx would otherwise drop them to nobody, who cannot read a checkout (or a prefix) in a private
+-- directory: /root, mktemp -d, a 0700 home. Not root, nginx keeps the current user: no line.
+function H.nginx_user_line()
+  if H.sh("id -u"):match("^0%s*$") then
+    return ("user %s %s;\n"):format((H.sh("id -un"):gsub("%s+", "")), (H.sh("id -gn"):gsub("%s+", "")))
+  end
+  return ""
+end
+
 -- Writes <prefix>/nginx.conf (one worker with the Lua module, daemon, access log off) with
 -- `http_body` inside http {}, starts nginx and waits until probe_url answers. Stop it with
 -- H.stop_pidfile(prefix .. "/nginx.pid").
 function H.run_nginx(prefix, http_body, probe_url, log_level)
   H.sh("mkdir -p " .. prefix .. "/logs")
-  H.writefile(prefix .. "/nginx.conf", ([[
+  H.writefile(prefix .. "/nginx.conf", H.nginx_user_line() .. ([[
 load_module /usr/lib/nginx/modules/ndk_http_module.so;
 load_module /usr/lib/nginx/modules/ngx_http_lua_module.so;
 worker_processes 1;
