@@ -388,22 +388,149 @@ describe("enos.workflow.replace", function()
     end)
   end)
 
-  it("delivers the encrypted pair when the secret cannot be decrypted", function()
-    local F = fake { pub = kp.public_file }
-    F.garbage_secret = true
-    local d = F.add { deviceKey = "old_key_13" }
-    local dir = H.tmpdir()
-    local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
-      { assetId = d.assetId, newDeviceKey = "new_key_13" }, fast { out = dir .. "/cred.json" }))
-    assert.is_true(r.ok)
-    assert.is_nil(r.new.deviceSecret)
-    assert.equal("AAAA", r.new.encrypted.deviceSecret)
-    local rec = cjson.decode(H.readfile(dir .. "/cred.json"))
-    assert.equal("AAAA", rec.encrypted.deviceSecret)
-    assert.equal("BBBB", rec.encrypted.sessionKey)
-    assert.equal("encrypted", r.delivered.secret)
-    assert.matches("could not be decrypted", table.concat(r.warnings, " "))
-    H.sh("rm -rf " .. dir)
+  describe("the new secret", function()
+    it("is read with Get Device when the replace reply's secret does not decrypt", function()
+      local F = fake { pub = kp.public_file }
+      local d = F.add { deviceKey = "old_key_13" }
+      F.faults.replaceDevice = { function(req, FF)
+        local res = FF.apply(req)
+        local doc = cjson.decode(res.body)
+        doc.data.deviceSecret, doc.data.sessionKey = "AAAA", "BBBB"
+        res.body = cjson.encode(doc)
+        return res
+      end }
+      local dir = H.tmpdir()
+      local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+        { assetId = d.assetId, newDeviceKey = "new_key_13" }, fast { out = dir .. "/cred.json" }))
+      assert.is_true(r.ok)
+      assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret)
+      local rec = cjson.decode(H.readfile(dir .. "/cred.json"))
+      assert.equal(F.devices[d.assetId].deviceSecret, rec.deviceSecret)
+      assert.matches("not usable", table.concat(r.warnings, " "))
+      H.sh("rm -rf " .. dir)
+    end)
+
+    it("is read with Get Device when the reply has none (or empty strings)", function()
+      for _, shape in ipairs { "none", "empty" } do
+        local F = fake { pub = kp.public_file }
+        local d = F.add { deviceKey = "old_key_13b" }
+        F.faults.replaceDevice = { function(req, FF)
+          local res = FF.apply(req)
+          local doc = cjson.decode(res.body)
+          if shape == "none" then doc.data.deviceSecret, doc.data.sessionKey = nil, nil
+          else doc.data.deviceSecret, doc.data.sessionKey = "", "" end
+          res.body = cjson.encode(doc)
+          return res
+        end }
+        local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+          { assetId = d.assetId, newDeviceKey = "new_key_13b" }, fast()))
+        assert.is_true(r.ok, shape)
+        assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret, shape)
+      end
+    end)
+
+    it("not in hand after bounded reads: not ok, kind decrypt, the encrypted pair delivered, exit 6", function()
+      local F = fake { pub = kp.public_file }
+      local d = F.add { deviceKey = "old_key_14" }
+      -- the key proves itself on the current secret; every secret after the replace is garbage
+      F.faults.replaceDevice = { function(req, FF)
+        FF.garbage_secret = true
+        return FF.apply(req)
+      end }
+      local dir = H.tmpdir()
+      local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+        { assetId = d.assetId, newDeviceKey = "new_key_14" }, fast { out = dir .. "/cred.json", read_attempts = 2 }))
+      assert.is_false(r.ok)
+      assert.equal("replaced", r.outcome)
+      assert.is_true(r.secret_missing)
+      assert.equal("decrypt", r.error.kind)
+      assert.equal(6, require("enos.cli").exit_code(r.error))
+      assert.is_nil(r.new.deviceSecret)
+      assert.equal("AAAA", r.new.encrypted.deviceSecret)
+      assert.equal(4, F.count("get"))       -- the preflight's read, two reads of the secret, the verification
+      local rec = cjson.decode(H.readfile(dir .. "/cred.json"))
+      assert.equal("AAAA", rec.encrypted.deviceSecret)
+      assert.equal("BBBB", rec.encrypted.sessionKey)
+      H.sh("rm -rf " .. dir)
+    end)
+
+    it("a private key that does not match the application's stops in preflight, before any replace", function()
+      local other = H.keypair(1024)           -- (cached per size: another size is another key)
+      local F = fake { pub = other.public_file }
+      local d = F.add { deviceKey = "old_key_15" }
+      local r, err = workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+        { assetId = d.assetId, newDeviceKey = "new_key_15" }, fast())
+      assert.is_nil(r)
+      assert.equal("config", err.kind)
+      assert.matches("private key does not decrypt", err.message, 1, true)
+      assert.equal("refused", err.report.outcome)
+      assert.equal(0, F.count("replaceDevice"))
+      assert.equal(1, F.count("get"))              -- proven on the preflight's own read: no extra call
+      assert.equal("old_key_15", F.devices[d.assetId].deviceKey)
+      assert.not_matches(F.devices[d.assetId].deviceSecret, tostring(err), 1, true)
+    end)
+  end)
+
+  describe("the reply names the device asked for", function()
+    it("a reply naming another asset or key is not used: the device is read back", function()
+      for _, lie in ipairs { "assetId", "deviceKey" } do
+        local F = fake { pub = kp.public_file }
+        local d = F.add { deviceKey = "old_key_16" }
+        local other = F.add { deviceKey = "victim_16" }
+        F.faults.replaceDevice = { function(req, FF)
+          local res = FF.apply(req)
+          local doc = cjson.decode(res.body)
+          if lie == "assetId" then doc.data.assetId = other.assetId else doc.data.deviceKey = "victim_16" end
+          res.body = cjson.encode(doc)
+          return res
+        end }
+        local r = assert(workflow.replace(client_for(F, { private_key_file = kp.private_file }),
+          { assetId = d.assetId, newDeviceKey = "new_key_16" }, fast()))
+        assert.is_true(r.ok, lie)
+        assert.equal("reconciled", r.outcome, lie)
+        assert.equal(d.assetId, r.new.assetId, lie)
+        assert.equal("new_key_16", r.new.deviceKey, lie)
+        assert.equal(F.devices[d.assetId].deviceSecret, r.new.deviceSecret, lie)
+        assert.equal(1, F.count("replaceDevice"), lie)
+      end
+    end)
+  end)
+
+  describe("compare-and-swap", function()
+    it("a device whose key changed between the preflight and the replace ends conflict, naming the key", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_17" }
+      F.faults.replaceDevice = { function(req, FF)
+        FF.devices[d.assetId].deviceKey = "someone_else_17"     -- another operator's replace won meanwhile
+        return FF.apply(req)
+      end }
+      local r, err = workflow.replace(client_for(F), { assetId = d.assetId, newDeviceKey = "new_key_17" }, fast())
+      assert.is_nil(r)
+      assert.equal("conflict", err.kind)
+      assert.equal("conflict", err.report.outcome)
+      assert.equal("someone_else_17", err.found_key)
+      assert.matches("someone_else_17", err.message, 1, true)
+      assert.equal(4, require("enos.cli").exit_code(err))
+      assert.equal("someone_else_17", F.devices[d.assetId].deviceKey)       -- not overwritten
+      assert.equal(1, F.count("replaceDevice"))
+    end)
+
+    it("two concurrent replaces of one asset: exactly one wins, the other ends conflict", function()
+      local F = fake()
+      local d = F.add { deviceKey = "old_key_18b" }
+      local c1, c2 = client_for(F), client_for(F)
+      local inner
+      F.faults.replaceDevice = { function()
+        -- while the first replace is on its way, a second operator runs the whole workflow
+        inner = { workflow.replace(c2, { assetId = d.assetId, newDeviceKey = "second_18b" }, fast()) }
+      end }
+      local r, err = workflow.replace(c1, { assetId = d.assetId, newDeviceKey = "first_18b" }, fast())
+      assert.is_true(inner[1].ok)
+      assert.equal("second_18b", F.devices[d.assetId].deviceKey)
+      assert.is_nil(r)
+      assert.equal("conflict", err.kind)
+      assert.equal("second_18b", err.found_key)
+    end)
   end)
 
   describe("gateways", function()
@@ -554,7 +681,7 @@ describe("enos.workflow.replace", function()
   end)
 
   it("dry_run prepares the signed requests, redacted, and sends no replace", function()
-    local F = fake()
+    local F = fake { pub = kp.public_file }
     local d = F.add { deviceKey = "old_key_18" }
     local c = client_for(F, { private_key_file = kp.private_file })
     local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "new_key_18" }, fast { dry_run = true }))
@@ -563,6 +690,10 @@ describe("enos.workflow.replace", function()
     local text = r.requests[1].text
     assert.matches("POST https://gw.example.com/connect%-service/v2.4/devices%?", text)
     assert.matches("action=replaceDevice", text)
+    -- by compare-and-swap: productKey + the key the preflight saw, not the assetId
+    assert.matches("deviceKey=old_key_18", text, 1, true)
+    assert.matches("productKey=pk_demo", text, 1, true)
+    assert.not_matches("assetId=", text, 1, true)
     assert.matches('{"newDeviceKey":"new_key_18","requireSecret":true}', text, 1, true)
     assert.matches("apim-signature: <redacted>", text, 1, true)
     assert.not_matches("tok-1", text, 1, true)

@@ -693,6 +693,14 @@ function Client:replace_device(p)
   if type(data) ~= "table" or type(data.assetId) ~= "string" or type(data.deviceKey) ~= "string" then
     return nil, errors.new("protocol", "replaceDevice reply has no assetId/deviceKey", { request_id = env.requestId })
   end
+  -- The reply must name the device asked for and its new key: credentials for another device are never
+  -- handed on (the outcome is unknown: read the device back).
+  if data.deviceKey ~= p.newDeviceKey or (p.assetId and data.assetId ~= p.assetId)
+      or (p.productKey and data.productKey ~= nil and data.productKey ~= p.productKey) then
+    return nil, errors.new("protocol", "replaceDevice reply names another device (assetId " .. tostring(data.assetId) ..
+      ", deviceKey " .. tostring(data.deviceKey) .. ") than the one asked for; its credentials are not used",
+      { request_id = env.requestId })
+  end
   local r = setmetatable({
     assetId = data.assetId, productKey = data.productKey, deviceKey = data.deviceKey,
     deviceSecret = data.deviceSecret, sessionKey = data.sessionKey, requestId = env.requestId,

@@ -28,13 +28,15 @@ M.DEFAULTS = {
   poll_max_ms = 10000,
   format = "json",
   steps = true,            -- false: a lean report (no step records, no provisioning record) for many rows
+  prove_key = true,        -- preflight reads the current secret and decrypts it: a wrong private key stops
+                           -- before anything changes (a batch proves the key once itself: false per row)
 }
 
 local KNOWN_OPTS = {
   check_free = true, verify = true, max_attempts = true, read_attempts = true, backoff_ms = true,
   backoff_max_ms = true, settle_ms = true, verify_attempts = true, poll_ms = true, poll_max_ms = true,
   format = true, require_secret = true, dry_run = true, out = true, overwrite = true, wait_active = true,
-  sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true,
+  sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true, prove_key = true,
 }
 
 M.FORMATS = { json = true, env = true, text = true }
@@ -237,7 +239,7 @@ local function check_opts(opts)
     if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
   end
   -- a string "no" is truthy: a flag that is not a boolean would do the opposite of what it says
-  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite", "steps" } do
+  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite", "steps", "prove_key" } do
     if o[k] ~= nil and type(o[k]) ~= "boolean" then return nil, errors.arg(k, k .. " must be a boolean") end
   end
   if o.record ~= nil then
@@ -454,6 +456,34 @@ function M.write_private(path, content, overwrite)
   return true
 end
 
+-- ---------------------------------------------------------------- secrets in hand
+
+--- Whether a replace result (or a device read with requireSecret) holds the new secret as the caller asked
+-- for it: a non-empty clear secret on V2.1 or when a private key is loaded; else, when the secret was
+-- requested, a complete encrypted pair; nothing when it was not requested.
+function M.secret_in_hand(client, require_secret, new)
+  if not new then return false end
+  local clear = type(new.deviceSecret) == "string" and new.deviceSecret ~= ""
+  if client.api_version == "v2.1" or (require_secret and client:has_private_key()) then return clear end
+  if not require_secret then return true end
+  local e = new.encrypted
+  return type(e) == "table" and type(e.deviceSecret) == "string" and e.deviceSecret ~= ""
+    and type(e.sessionKey) == "string" and e.sessionKey ~= ""
+end
+
+--- The key proof: `dev` was read with requireSecret by a client with a private key. Returns nil when its
+-- current secret decrypted, else a `config` error saying the key does not match the application's.
+function M.key_proof_error(client, dev)
+  if type(dev.deviceSecret) == "string" and dev.deviceSecret ~= "" then return nil end
+  local why
+  if dev.err then why = tostring(dev.err.message or dev.err)
+  elseif not dev.encrypted then why = "the platform returned no encrypted secret for it"
+  else why = "its secret decrypted to nothing" end
+  return errors.new("config", "the private key does not decrypt this application's secrets: reading asset " ..
+    tostring(dev.assetId) .. " with requireSecret, " .. why .. ". Check that the private key file is the one " ..
+    "of the application's RSA key pair registered on EnOS; nothing was changed", { key_mismatch = true })
+end
+
 -- ---------------------------------------------------------------- steps
 
 local function preflight(ctx, client, target)
@@ -469,6 +499,9 @@ local function preflight(ctx, client, target)
     end
   end
   local ident = ident_of(target)
+  -- The key is proven on the same read (no extra call): the device's current secret must decrypt.
+  local prove = o.prove_key and ctx.require_secret and client:has_private_key()
+  if prove then ident.requireSecret = true end
   local dev, err = ctx:read(client.get_device, client, ident)
   if not dev then
     if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
@@ -477,6 +510,28 @@ local function preflight(ctx, client, target)
     end
     ctx:finish(s, "failed", tostring(err))
     return nil, err
+  end
+  if prove then
+    local unproven = not dev.encrypted and not dev.err
+    local perr = not unproven and M.key_proof_error(client, dev)
+    dev.deviceSecret, dev.sessionKey, dev.encrypted = nil, nil, nil      -- the old secret is not ours to keep
+    if unproven then
+      ctx:warn("the private key could not be proven: the platform returned no secret for the device")
+    elseif perr then
+      perr.refused = true
+      ctx:finish(s, "refused", perr.message)
+      return nil, perr
+    end
+  end
+  if (target.assetId and dev.assetId ~= target.assetId) or (not target.assetId and
+      (dev.productKey ~= target.productKey or dev.deviceKey ~= target.deviceKey)) then
+    -- a reply about another device: nothing it says can be trusted to name the device to change
+    local e = errors.new("protocol", "the platform answered the preflight read of " .. describe_target(target) ..
+      " with another device (assetId " .. tostring(dev.assetId) .. ", deviceKey " .. tostring(dev.deviceKey) ..
+      "); nothing was changed")
+    e.refused = true
+    ctx:finish(s, "failed", e.message)
+    return nil, e
   end
   report.old = copy_fields(dev, DEVICE_FIELDS)
   report.old.deviceName = type(dev.deviceName) == "table" and dev.deviceName.defaultValue or dev.deviceName
@@ -551,25 +606,23 @@ end
 local function read_back(ctx, client, target, old_key)
   local s = ctx:begin("reconcile")
   ctx:sleep_ms(ctx.o.settle_ms)
-  local dev, err = ctx:read(function() return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId } end)
+  -- one read, with the secret when it is wanted: if the replace happened, that is all a reconcile needs
+  local want_secret = ctx.require_secret or nil
+  local dev, err = ctx:read(function()
+    return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId, requireSecret = want_secret }
+  end)
+  if dev and dev.assetId ~= ctx.asset.assetId then
+    err = errors.new("protocol", "the read-back of asset " .. ctx.asset.assetId .. " answered with asset " ..
+      tostring(dev.assetId))
+    dev = nil
+  end
   if not dev then
     ctx:finish(s, "failed", "read-back failed: " .. tostring(err))
     return "unreadable", err
   end
   if dev.deviceKey == target.newDeviceKey then
-    local full = dev
-    if ctx.require_secret or client.api_version == "v2.1" then
-      local f, ferr = ctx:read(function()
-        return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId, requireSecret = ctx.require_secret }
-      end)
-      if f and f.deviceKey == target.newDeviceKey then
-        full = f
-      else
-        ctx:warn("the replace happened but reading its secret failed: " .. tostring(ferr))
-      end
-    end
     ctx:finish(s, "replaced", "device already has the new key " .. target.newDeviceKey)
-    return "replaced", full
+    return "replaced", dev
   elseif dev.deviceKey == old_key then
     ctx:finish(s, "unchanged", "device still has key " .. tostring(old_key))
     return "unchanged", dev
@@ -589,9 +642,30 @@ local function result_of(r, reconciled)
   return new
 end
 
+-- Whether a refusal says the device the request named does not exist (by productKey + deviceKey: its key
+-- is no longer the one the preflight saw).
+local function not_found(err)
+  return err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400)
+end
+
+-- A replace reply must name the asset and the new key that were asked for. Returns nil | protocol error.
+local function reply_mismatch(ctx, target, dev, r)
+  local bad
+  if r.assetId ~= ctx.asset.assetId then bad = "asset " .. tostring(r.assetId)
+  elseif r.deviceKey ~= target.newDeviceKey then bad = "deviceKey " .. tostring(r.deviceKey)
+  elseif r.productKey ~= nil and r.productKey ~= dev.productKey then bad = "productKey " .. tostring(r.productKey) end
+  if not bad then return nil end
+  return errors.new("protocol", "the replace reply names " .. bad .. ", not asset " .. ctx.asset.assetId ..
+    " with key " .. target.newDeviceKey .. " as asked; its credentials are not used, the device is read back",
+    { request_id = r.requestId })
+end
+
+-- The replace, by compare-and-swap: the request names the device by productKey + the deviceKey the
+-- preflight saw, so the platform itself refuses it when the key changed in between (another operator,
+-- another batch); the loser reads the device back and ends `conflict`, naming the key it found.
 local function replace(ctx, client, target, dev)
-  local params = ident_of(target)
-  params.newDeviceKey = target.newDeviceKey
+  local params = { productKey = dev.productKey, deviceKey = dev.deviceKey, orgId = target.orgId,
+    newDeviceKey = target.newDeviceKey }
   if ctx.require_secret then params.requireSecret = true end
   local unknown_seen, last_err = false
   local attempt = 0
@@ -601,29 +675,41 @@ local function replace(ctx, client, target, dev)
     local s = ctx:begin("replace")
     local r, err = client:replace_device(params)
     if r then
-      ctx:finish(s, "ok", "attempt %d, request %s", attempt, tostring(r.requestId))
-      return result_of(r, false), nil, "replaced"
+      err = reply_mismatch(ctx, target, dev, r)
+      if not err then
+        ctx:finish(s, "ok", "attempt %d, request %s", attempt, tostring(r.requestId))
+        return result_of(r, false), nil, "replaced"
+      end
+      r = nil
     end
     last_err = err
     local unknown = outcome_unknown(err)
     local not_sent = (err.kind == "transport" or err.kind == "timeout") and err.request_sent == false
     ctx:finish(s, unknown and "unknown" or "failed", string.format("attempt %d: %s", attempt, tostring(err)))
-    if unknown or unknown_seen then
+    if unknown or unknown_seen or not_found(err) then
       -- Our earlier attempt may have taken the key: a conflict or "not found" now proves nothing.
-      unknown_seen = true
+      -- A first "not found" by the preflight's key: someone changed the device meanwhile (read to say who).
+      local lost_race = not (unknown or unknown_seen)
+      unknown_seen = unknown_seen or unknown
       local state, d = read_back(ctx, client, target, dev.deviceKey)
-      if state == "replaced" then
+      if state == "replaced" and not lost_race then
         return result_of(d, true), nil, "reconciled"
       elseif state == "unreadable" then
+        if lost_race then
+          err.message = tostring(err.message) .. " (the device could not be read back: " .. tostring(d) .. ")"
+          return nil, err, "refused"
+        end
         local e = errors.new(last_err.kind, "OUTCOME UNKNOWN: the replace of asset " .. ctx.asset.assetId ..
           " may have happened (" .. tostring(last_err.message) .. ") and reading the device back failed (" ..
           tostring(d) .. "); check it with Get Device before retrying", {
             code = last_err.code, status = last_err.status, request_id = last_err.request_id,
             outcome_unknown = true, cause = d })
         return nil, e, "unknown"
-      elseif state == "elsewhere" then
-        return nil, errors.new("conflict", "device " .. ctx.asset.assetId .. " key changed to " ..
-          tostring(d.deviceKey) .. " by someone else meanwhile; not retrying"), "failed"
+      elseif state == "elsewhere" or state == "replaced" then
+        return nil, errors.new("conflict", "device " .. ctx.asset.assetId .. " changed since the preflight: its key is now " ..
+          tostring(d.deviceKey) .. ", not " .. tostring(dev.deviceKey) .. " (another replace or operator?); " ..
+          (lost_race and "the platform refused this replace, nothing was changed by it" or "not retrying"),
+          { found_key = d.deviceKey, refused = lost_race or nil }), "conflict"
       end
       -- unchanged: retry only what may be retried
       if not (unknown or err.retryable) or attempt >= ctx.o.max_attempts then
@@ -637,6 +723,45 @@ local function replace(ctx, client, target, dev)
     -- (a request that never left is retried plainly)
     ctx:backoff(attempt, err)
   end
+end
+
+-- After a replace that happened: the new secret as asked for, or read with Get Device requireSecret when
+-- the reply's is missing or does not decrypt (bounded: read_attempts reads, a settle pause between reads
+-- that do not show the new key yet). Returns true | nil, err (the encrypted pair, if any, is kept).
+local function fetch_secret(ctx, client, target)
+  local new = ctx.report.new
+  if M.secret_in_hand(client, ctx.require_secret, new) then return true end
+  local s = ctx:begin("secret")
+  local why = new.decrypt_error or "the reply carried no usable secret"
+  local last
+  for i = 1, ctx.o.read_attempts do
+    local d, err = ctx:read(client.get_device, client,
+      { assetId = ctx.asset.assetId, orgId = target.orgId, requireSecret = ctx.require_secret or nil })
+    if d and d.assetId == ctx.asset.assetId and d.deviceKey == target.newDeviceKey then
+      if M.secret_in_hand(client, ctx.require_secret, d) then
+        new.deviceSecret = d.deviceSecret
+        new.encrypted = d.encrypted and { deviceSecret = d.encrypted.deviceSecret, sessionKey = d.encrypted.sessionKey }
+        new.decrypt_error = nil
+        ctx:warn("the replace reply's secret was not usable (" .. tostring(why) .. "); read it with Get Device")
+        ctx:finish(s, "ok", "read with Get Device requireSecret (read %d)", i)
+        return true
+      end
+      last = d.err and tostring(d.err) or "the device was read without a usable secret"
+      if d.encrypted then new.encrypted = { deviceSecret = d.encrypted.deviceSecret, sessionKey = d.encrypted.sessionKey } end
+    elseif d then
+      last = "the read showed asset " .. tostring(d.assetId) .. " with key " .. tostring(d.deviceKey)
+    else
+      last = tostring(err)
+    end
+    if i < ctx.o.read_attempts then ctx:sleep_ms(ctx.o.settle_ms) end
+  end
+  local enc = new.encrypted and (new.encrypted.deviceSecret or new.encrypted.sessionKey)
+  local e = errors.new("decrypt", "replaced, but the new deviceSecret is not in hand: " .. tostring(why) ..
+    "; reading it back failed too (" .. tostring(last) .. ")" ..
+    (enc and "; the encrypted pair is kept" or "") .. ". Read it with Get Device requireSecret (assetId " ..
+    ctx.asset.assetId .. ")", { secret_missing = true, step = "secret" })
+  ctx:finish(s, "failed", e.message)
+  return nil, e
 end
 
 local function verify(ctx, client, target)
@@ -737,16 +862,10 @@ end
 local function deliver(ctx, client)
   local report, o = ctx.report, ctx.o
   local new = report.new
-  local expected = ctx.require_secret or client.api_version == "v2.1"
-  if expected and not new.deviceSecret then
-    local enc = new.encrypted
-    if enc and (enc.deviceSecret or enc.sessionKey) then
-      ctx:warn("the new deviceSecret could not be decrypted (" .. tostring(new.decrypt_error) ..
-        "); the encrypted pair is delivered instead")
-    else
-      ctx:warn("the new deviceSecret was not obtained; read it with Get Device requireSecret (assetId " ..
-        tostring(new.assetId) .. ")")
-    end
+  if ctx.require_secret and not new.deviceSecret and new.encrypted then
+    ctx:warn(client:has_private_key() and "the new deviceSecret could not be decrypted (" ..
+      tostring(new.decrypt_error) .. "); the encrypted pair is delivered instead" or
+      "no private key loaded: the new deviceSecret is delivered encrypted")
   end
   if not o.steps and not o.out then return true end     -- lean: the caller delivers (no record)
   local s = ctx:begin("deliver")
@@ -854,8 +973,8 @@ function M.replace(client, target, opts)
 
   if o.dry_run then
     local s = ctx:begin("dry_run")
-    local params = ident_of(t)
-    params.newDeviceKey = t.newDeviceKey
+    local params = { productKey = dev.productKey, deviceKey = dev.deviceKey, orgId = t.orgId,
+      newDeviceKey = t.newDeviceKey }
     if ctx.require_secret then params.requireSecret = true end
     local req, perr = client:prepare("replace_device", params)
     if not req then ctx:finish(s, "failed", tostring(perr)) return ctx:fail(perr, "dry_run", "refused") end
@@ -891,8 +1010,12 @@ function M.replace(client, target, opts)
   report.ok = true
 
   -- From here the replace happened: always return the report, never nil.
+  -- "Done" means the new secret is in hand: a reply without it (or whose secret does not decrypt) is
+  -- followed by a read of it; still missing, the report is not ok (the encrypted pair, if any, is delivered).
+  local _, serr = fetch_secret(ctx, client, t)
+  if serr then report.ok = false; report.error = serr; report.secret_missing = true end
   local _, derr = deliver(ctx, client)
-  if derr then report.ok = false; report.error = derr end
+  if derr then report.ok = false; report.error = report.error or derr end
 
   if o.verify then
     local vok, verr = verify(ctx, client, t)

@@ -237,7 +237,7 @@ end
 function M.exit_code(err)
   if type(err) ~= "table" then return EXIT.aborted end
   if err.aborted then return EXIT.aborted end
-  if err.verify_failed or err.deliver_failed then return EXIT.verify end
+  if err.verify_failed or err.deliver_failed or err.secret_missing then return EXIT.verify end
   if err.field == "out" then return EXIT.usage end
   local k = err.kind
   if k == "config" or k == "auth" or k == "decrypt" then return EXIT.config end
