@@ -158,6 +158,49 @@ function M.check(plan, opts)
   return res, err
 end
 
+-- ---------------------------------------------------------------- the key proof
+
+--- Reads the first plan rows' devices with requireSecret (at most 3 rows) until one answers, and checks that
+-- its current secret decrypts with the client's private key. Returns "proven" | "not proven: why" (nothing
+-- to prove without a private key or on V2.1), or nil, err (a `config` error: the key does not match).
+function M.prove_key(client, plan, o)
+  o = o or {}
+  local require_secret = o.require_secret
+  if require_secret == nil then require_secret = true end
+  if client.api_version == "v2.1" or not require_secret or not client:has_private_key() then return "not needed" end
+  local rows, close = plan_rows(plan, o.plan_format)
+  if not rows then return "not proven: " .. tostring(close) end
+  local why = "no readable row"
+  local tried = 0
+  while tried < 3 do
+    local row = rows()
+    if row == nil then break end
+    local t = row and plan_mod.check_row(row.fields)
+    if t then
+      tried = tried + 1
+      local ident = t.assetId and { assetId = t.assetId, orgId = t.orgId }
+        or { productKey = t.productKey, deviceKey = t.deviceKey, orgId = t.orgId }
+      ident.requireSecret = true
+      local d, err = client:get_device(ident)
+      if d then
+        local unproven = not d.encrypted and not d.err
+        local e = not unproven and workflow.key_proof_error(d)
+        d.deviceSecret, d.encrypted = nil, nil
+        if e then close() return nil, e end
+        if not unproven then close() return "proven" end
+        why = "the platform returned no secret for line " .. row.line
+      elseif err.kind == "config" or err.kind == "auth" then
+        close()
+        return nil, err
+      else
+        why = tostring(err)
+      end
+    end
+  end
+  close()
+  return "not proven: " .. why
+end
+
 -- ---------------------------------------------------------------- the run
 
 --- Runs a batch. Returns summary | nil, err (err.check holds plan errors when
@@ -213,6 +256,11 @@ function M.run(client, plan, opts)
   end
 
   collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
+
+  -- 1b. Prove the private key before anything is written or changed: once for the batch, on the first
+  -- plan row whose device can be read (its current secret must decrypt), not once per row.
+  local proof, perr = M.prove_key(client, plan, o)
+  if perr then return nil, perr end
 
   -- 2. Files: journal (required for durability), credentials, results.
   local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
@@ -371,6 +419,7 @@ function M.run(client, plan, opts)
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
     read_attempts = o.read_attempts, backoff_ms = o.backoff_ms, backoff_max_ms = o.backoff_max_ms,
     steps = false,              -- the batch keeps its own records: no per-row step list
+    prove_key = false,          -- proven once for the batch (M.prove_key), not on every row's preflight
   })
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
   -- its task ends now, so the slot goes to the next row instead of waiting on the disk.
@@ -443,7 +492,7 @@ function M.run(client, plan, opts)
       if d then
         if d.deviceKey ~= t.newDeviceKey then return nil end
         -- replaced: the row is only done once its secret is in hand (else resume again)
-        if not require_secret or d.deviceSecret or d.encrypted then return d end
+        if workflow.secret_in_hand(client, require_secret, d) then return d end
       elseif err.kind == "not_found" then
         return nil
       end
@@ -488,12 +537,16 @@ function M.run(client, plan, opts)
     sending(row, client.timeout)
     local report, err = workflow.replace(client, row.target, wf_opts)
     if not report and err and err.report and err.report.new then report = err.report end
-    local expect_secret = require_secret or client.api_version == "v2.1"
-    if report and report.new and expect_secret and not report.new.deviceSecret and not report.new.encrypted then
-      -- replaced, but the secret never reached us: not done until a resume reads it back
-      local e = errors.new("transport", "replaced, but the new secret could not be read; resume to recover it")
+    if report and report.new and (report.secret_missing or
+        not workflow.secret_in_hand(client, require_secret, report.new)) then
+      -- replaced, but the new secret is not in hand: not done (never counted, never skipped by a resume)
+      -- until a resume reads it back; the encrypted pair, if any, is kept in the journal meanwhile
+      local e = report.error and report.error.secret_missing and report.error or
+        errors.new("decrypt", "replaced, but the new secret is not in hand; resume to read it back")
+      e = errors.new(e.kind, tostring(e.message) .. "; resume to read it back", { secret_missing = true })
       result(row, "unknown", report.new.assetId, e)
-      finish_row(row, { state = "unknown", assetId = report.new.assetId, error = err_fields(e) }, e)
+      finish_row(row, { state = "unknown", assetId = report.new.assetId, productKey = report.new.productKey,
+        newDeviceKey = report.new.deviceKey, encrypted = report.new.encrypted, error = err_fields(e) }, e)
       return
     end
     if report and report.new then
@@ -596,6 +649,7 @@ function M.run(client, plan, opts)
     return nil, errors.new("transport", "batch stopped: " .. tostring(run_err))
   end
   stats.elapsed = (sched.now() - t0) / 1000
+  stats.key_proof = proof
   stats.rate = human_rate(stats.done + stats.failed, stats.elapsed)
   stats.journal, stats.results, stats.credentials = jpath, rpath, o.out
   stats.fsyncs = journal.fsyncs

@@ -473,7 +473,7 @@ end
 
 --- The key proof: `dev` was read with requireSecret by a client with a private key. Returns nil when its
 -- current secret decrypted, else a `config` error saying the key does not match the application's.
-function M.key_proof_error(client, dev)
+function M.key_proof_error(dev)
   if type(dev.deviceSecret) == "string" and dev.deviceSecret ~= "" then return nil end
   local why
   if dev.err then why = tostring(dev.err.message or dev.err)
@@ -513,7 +513,7 @@ local function preflight(ctx, client, target)
   end
   if prove then
     local unproven = not dev.encrypted and not dev.err
-    local perr = not unproven and M.key_proof_error(client, dev)
+    local perr = not unproven and M.key_proof_error(dev)
     dev.deviceSecret, dev.sessionKey, dev.encrypted = nil, nil, nil      -- the old secret is not ours to keep
     if unproven then
       ctx:warn("the private key could not be proven: the platform returned no secret for the device")
@@ -680,7 +680,6 @@ local function replace(ctx, client, target, dev)
         ctx:finish(s, "ok", "attempt %d, request %s", attempt, tostring(r.requestId))
         return result_of(r, false), nil, "replaced"
       end
-      r = nil
     end
     last_err = err
     local unknown = outcome_unknown(err)
