@@ -7,7 +7,9 @@
 --         The endpoint path chooses the mangling: <front>/f/<mode>-<n>-<nonce>, the first n replaces
 --         (0 = all) of that prefix are mangled. Modes: stall (headers and half the body, then silence),
 --         drip (one byte every 200 ms), huge (9 MiB body), envelope (HTTP 200 with an unexpected JSON
---         shape), r429 (429 without Retry-After, NOT applied);
+--         shape), r429 (429 without Retry-After, NOT applied), and hostile replies: otherasset (names
+--         asset A002), otherkey (names key OLD-A002), nosecret (no secret), badsecret (one that does not
+--         decrypt);
 --       - four TLS servers that proxy to the simulator: good (certificate from the trusted CA), untrusted
 --         (another CA), wronghost (trusted CA, name wrong-host.invalid), expired (trusted CA, notAfter in 2020);
 --   * a listening socket whose accept queue is full (connect timeout), and a port nobody listens on.
@@ -120,6 +122,16 @@ local FRONT = [[
           ngx.print(b:sub(1, -2), ',"padding":"', string.rep("x", 9 * 1024 * 1024), '"}')
         elseif mode == "envelope" then
           ngx.print('{"result":', b, ',"success":true}')
+        else
+          -- hostile replies: the replace was applied, the reply lies about what it did
+          local cjson = require "cjson"
+          local doc = cjson.decode(b)
+          local d = type(doc) == "table" and type(doc.data) == "table" and doc.data or {}
+          if mode == "otherasset" then d.assetId = "A002"
+          elseif mode == "otherkey" then d.deviceKey = "OLD-A002"
+          elseif mode == "nosecret" then d.deviceSecret, d.sessionKey = nil, nil
+          elseif mode == "badsecret" then d.deviceSecret, d.sessionKey = "AAAA", "BBBB" end
+          ngx.print((cjson.encode(doc):gsub("\\/", "/")))
         end
       }
     }

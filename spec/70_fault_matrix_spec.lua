@@ -139,6 +139,31 @@ local FAULTS = {
     single = { kind = "transport", retryable = true, sent = true, changed = true },
     workflow = { ok = true, outcome = "reconciled", changed = true, exit = 0 },
     batch = { done = BATCH_ROWS, reconciled = 1, replaced = BATCH_ROWS - 1, failed = 0 } },
+  { id = "reply_other_asset", name = "hostile reply: names another asset (applied)",
+    endpoint = function(env) return env:front_url("otherasset", 0) end,
+    single = { kind = "protocol", retryable = false, changed = true },
+    workflow = { ok = true, outcome = "reconciled", changed = true, exit = 0,
+      note = "the reply's credentials are not used" },
+    batch = { done = BATCH_ROWS, reconciled = BATCH_ROWS, failed = 0 } },
+  { id = "reply_other_key", name = "hostile reply: names another device key (applied)",
+    endpoint = function(env) return env:front_url("otherkey", 0) end,
+    single = { kind = "protocol", retryable = false, changed = true },
+    workflow = { ok = true, outcome = "reconciled", changed = true, exit = 0,
+      note = "the reply's credentials are not used" },
+    batch = { done = BATCH_ROWS, reconciled = BATCH_ROWS, failed = 0 } },
+  { id = "reply_no_secret", name = "hostile reply: no secret though it was asked for (applied)",
+    endpoint = function(env) return env:front_url("nosecret", 0) end,
+    single = { ok = true, secret = false, changed = true, note = "without the secret (`deviceSecret` nil)" },
+    workflow = { ok = true, outcome = "replaced", changed = true, exit = 0,
+      note = "the secret is read with Get Device `requireSecret`" },
+    batch = { done = BATCH_ROWS, replaced = BATCH_ROWS, failed = 0 } },
+  { id = "reply_bad_secret", name = "hostile reply: a secret that does not decrypt (applied)",
+    endpoint = function(env) return env:front_url("badsecret", 0) end,
+    single = { ok = true, secret = false, changed = true,
+      note = "without the secret (`deviceSecret` nil, `err` says why, the encrypted pair kept)" },
+    workflow = { ok = true, outcome = "replaced", changed = true, exit = 0,
+      note = "the secret is read with Get Device `requireSecret`" },
+    batch = { done = BATCH_ROWS, replaced = BATCH_ROWS, failed = 0 } },
   { id = "token_outage", name = "token service down (503) after the first token, tokens expired",
     arm = function(env, where)
       if where == "batch" then return end
@@ -259,7 +284,8 @@ describe("fault matrix", function()
         if x.ok then
           assert.is_table(r, tostring(err))
           assert.equal("NEW-A001", r.deviceKey)
-          assert.equal(device("A001").deviceSecret, r.deviceSecret)
+          if x.secret == false then assert.is_nil(r.deviceSecret)
+          else assert.equal(device("A001").deviceSecret, r.deviceSecret) end
         else
           assert.is_nil(r)
           assert.equal(x.kind, err.kind, tostring(err))
@@ -438,7 +464,9 @@ describe("fault matrix", function()
       for _, e in ipairs(env.sim:log()) do
         if e.op == "replaceDevice" and e.code == 0 then
           local q = core.parse_query(e.query or "") or {}
-          applied[q.assetId] = (applied[q.assetId] or 0) + 1
+          -- (by assetId, or by productKey + the device's old key OLD-<asset>: the compare-and-swap form)
+          local asset = q.assetId or (q.deviceKey or ""):match("^OLD%-(.*)$")
+          applied[asset] = (applied[asset] or 0) + 1
         end
       end
       for i = 1, 8 do
