@@ -10,6 +10,8 @@ local plan_mod = require "enos.plan"
 local core = require "enos.core"
 local H = require "helpers"
 local E = dofile("spec/70_fault_env.lua")
+local N = dofile("spec/60_ngx_helper.lua")
+local cjson = require "cjson"
 
 local ORG = "o15724268424841"
 local BATCH_ROWS = 3
@@ -222,9 +224,16 @@ local function render_batch(x)
   return table.concat(parts, "; ")
 end
 
+-- The cosocket column: the workflow inside nginx (enos.transport.ngx); the same as the libcurl column
+-- unless the fault says otherwise (f.cosocket).
+local function render_cosocket(f)
+  if not f.cosocket then return "as `workflow.replace`" end
+  return render_workflow(f.cosocket)
+end
+
 local function render_row(f)
-  return ("| %s | %s | %s | %s |"):format(f.name, render_single(f.single), render_workflow(f.workflow),
-    render_batch(f.batch))
+  return ("| %s | %s | %s | %s | %s |"):format(f.name, render_single(f.single), render_workflow(f.workflow),
+    render_cosocket(f), render_batch(f.batch))
 end
 
 -- ---------------------------------------------------------------- the spec
@@ -271,6 +280,31 @@ describe("fault matrix", function()
     sc:close()
     return got
   end
+
+  -- An nginx whose /run runs a Lua chunk in a worker (enos picks the cosocket transport there by itself):
+  -- the workflow of the cosocket column runs inside it, against the same simulator, front and TLS servers.
+  local ngx_srv
+  local function run_in_nginx(code)
+    local st, body = N.http { method = "POST", url = ngx_srv.url .. "/run", body = code, timeout = 30 }
+    assert.equal(200, st, body)
+    local r = cjson.decode(body)
+    assert(not r.lua_error, r.lua_error)
+    return r
+  end
+  setup(function()
+    ngx_srv = N.start_plain([[
+    location = /run {
+      content_by_lua_block {
+        local cjson = require "cjson"
+        ngx.req.read_body()
+        local f = assert(loadstring(ngx.req.get_body_data()))
+        local ok, r = pcall(f)
+        ngx.say(cjson.encode(ok and r or { lua_error = tostring(r) }))
+      }
+    }
+]], ("lua_ssl_trusted_certificate %s;"):format(env.certs.ca))
+  end)
+  teardown(function() if ngx_srv then ngx_srv.stop() end end)
 
   for _, f in ipairs(FAULTS) do
     describe(f.name, function()
@@ -331,6 +365,53 @@ describe("fault matrix", function()
         if x.changed then
           assert.equal("NEW-A001", device("A001").deviceKey)
           assert.equal("inactive", device("A001").status)
+        else
+          assert.equal("OLD-A001", device("A001").deviceKey)
+        end
+      end)
+
+      it("workflow.replace inside nginx (cosocket transport): " .. render_cosocket(f), function()
+        local x = f.cosocket or f.workflow
+        local endpoint = f.endpoint and f.endpoint(env) or env.sim.url
+        local primeable = endpoint:find(env.sim.url, 1, true) or endpoint:find("/f/", 1, true)
+        -- a client in the worker with a token in hand, then the fault, then the workflow with that client
+        local r = run_in_nginx(([[
+          CLIENT = assert(require("enos").client { endpoint = %q, access_key = "fault-ak", secret_key = "fault-sk",
+            org_id = %q, private_key_file = %q, timeout = 1, connect_timeout = 1 })
+          local t = assert(CLIENT:transport())
+          if %s then assert(CLIENT:get_device { assetId = "A002" }) end
+          return { transport = getmetatable(t).__name }
+        ]]):format(endpoint, ORG, env.kp.private_file, primeable and "true" or "false"))
+        assert.equal("enos.transport.ngx", r.transport)
+        if f.arm then f.arm(env, "workflow") end
+        r = run_in_nginx([[
+          local slept = 0
+          local report, err = require("enos.workflow").replace(CLIENT, { assetId = "A001", newDeviceKey = "NEW-A001" },
+            { settle_ms = 0, backoff_ms = 4, backoff_max_ms = 8, sleep = function(s) slept = slept + s * 1000 end })
+          CLIENT:close()
+          local e = report and report.error or err
+          local out = { slept = slept, ok = report and report.ok or false,
+            outcome = report and report.outcome or (err.report and err.report.outcome), secret = report and report.new.deviceSecret }
+          if e then
+            out.err = { kind = e.kind, code = e.code, status = e.status, refused = e.refused, aborted = e.aborted,
+              verify_failed = e.verify_failed, deliver_failed = e.deliver_failed, secret_missing = e.secret_missing,
+              field = e.field, message = tostring(e.message) }
+          end
+          return out
+        ]])
+        local exit = r.err and cli.exit_code(r.err) or 0
+        assert.equal(x.exit, exit, r.err and r.err.message)
+        assert.equal(x.ok, r.ok, r.err and r.err.message)
+        assert.equal(x.outcome, r.outcome, r.err and r.err.message)
+        if x.ok then
+          assert.is_true(device("A001").deviceSecret == r.secret, "the secret delivered is the device's")
+          if x.min_sleep_ms then assert.is_true(r.slept >= x.min_sleep_ms, "slept " .. r.slept .. " ms") end
+        else
+          assert.equal(x.kind, r.err.kind, r.err.message)
+        end
+        env.sim:admin("DELETE", "/faults")
+        if x.changed then
+          assert.equal("NEW-A001", device("A001").deviceKey)
         else
           assert.equal("OLD-A001", device("A001").deviceKey)
         end

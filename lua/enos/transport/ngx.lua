@@ -270,8 +270,10 @@ function Transport:_attempt(u, wire, method, deadline, fresh)
   if reused then self.stats.reused = self.stats.reused + 1 else self.stats.new_connections = self.stats.new_connections + 1 end
   if u.tls and not reused then
     sock:settimeout(math.max(remaining(deadline), 1))
-    local sess
-    sess, e = sock:sslhandshake(nil, u.host, self.verify_tls)
+    -- (protected: lua-resty-core's sslhandshake can raise, an assertion, where verification fails in some
+    -- ways, e.g. a certificate for another host name; that is a TLS failure like any other)
+    local hok, sess, herr = pcall(sock.sslhandshake, sock, nil, u.host, self.verify_tls)
+    if hok then e = herr else sess, e = nil, sess end
     if not sess then
       sock:close()
       if e == "timeout" then return nil, err("timeout", "timed out in the TLS handshake with " .. u.authority, { request_sent = false }) end
