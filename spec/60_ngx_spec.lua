@@ -502,6 +502,32 @@ describe("examples/nginx against the simulator", function()
     assert.equal(405, st)
   end)
 
+  it("two concurrent replaces of one asset: one 200, the other 409 conflict naming the key it found", function()
+    -- both preflights read old_08 before either replace lands (the simulator holds each replace 400 ms)
+    assert.equal(200, (s:admin("POST", "/faults", { latency_ms = 400, match = "replaceDevice", count = 2 })))
+    local dir = H.tmpdir()
+    local cmds = {}
+    for i, key in ipairs { "race_a", "race_b" } do
+      H.writefile(dir .. "/b" .. i, cjson.encode { assetId = "asset0008", newDeviceKey = key })
+      cmds[i] = ("curl -s -o %s/r%d -w '%%{http_code}' -H 'Content-Type: application/json' --data-binary @%s/b%d " ..
+        "%s/replace > %s/s%d"):format(dir, i, dir, i, ep.url, dir, i)
+    end
+    H.sh(cmds[1] .. " & " .. cmds[2] .. " & wait")
+    s:admin("DELETE", "/faults")
+    local got = {}
+    for i = 1, 2 do got[i] = { tonumber(H.readfile(dir .. "/s" .. i)), decode(H.readfile(dir .. "/r" .. i)) } end
+    os.execute("rm -rf " .. dir)
+    local winner = got[1][1] == 200 and 1 or 2
+    local loser = 3 - winner
+    assert.equal(200, got[winner][1])
+    assert.equal(409, got[loser][1])
+    local won_key = winner == 1 and "race_a" or "race_b"
+    assert.equal(won_key, device("asset0008").deviceKey)
+    assert.equal("conflict", got[loser][2].error.kind)
+    assert.matches(won_key, got[loser][2].error.message, 1, true)
+    assert.equal("conflict", got[loser][2].report.outcome)
+  end)
+
   it("answers 504 timeout when the simulator is too slow (latency fault)", function()
     assert.equal(200, (s:admin("POST", "/faults", { latency_ms = 3000, match = "get" })))
     local t0 = sim.now_ms()
