@@ -117,6 +117,66 @@ describe("batch integrity against the simulator", function()
     assert.falsy(H.readfile(dir .. "/cas.creds.csv"):find("A0000017", 1, true), "credentials for a device we did not replace")
   end)
 
+  -- The CLI, in process, with a transport that rewrites the platform's replies.
+  local function cli_run(argv, t)
+    local out, err = {}, {}
+    local code = require("enos.cli").main {
+      argv = argv, env = { ENOS_ENDPOINT = h.url, ENOS_ACCESS_KEY = "ak", ENOS_SECRET_KEY = "sk", ENOS_ORG_ID = ORG,
+        ENOS_PRIVATE_KEY_FILE = kp.private_file, ENOS_CONFIG = dir .. "/no-profile" },
+      stdout = function(x) out[#out + 1] = x end, stderr = function(x) err[#err + 1] = x end,
+      sleep = function() end, client_options = t and { transport = t } or nil,
+    }
+    return code, table.concat(out), table.concat(err)
+  end
+  local function rewriting(fn)
+    local inner = require("enos.core").easy { timeout = 5 }
+    return { send = function(_, req)
+      local res, err = inner:send(req)
+      if res and res.status == 200 then
+        local doc = cjson.decode(res.body)
+        if type(doc) == "table" and type(doc.data) == "table" then
+          fn(req, doc.data)
+          res.body = cjson.encode(doc)
+        end
+      end
+      return res, err
+    end }
+  end
+
+  it("device: a secret that is never in hand exits 6 (not 0 with a warning), the encrypted pair in --out", function()
+    local t = rewriting(function(req, d)
+      -- after the replace, every secret this device gets is one that does not decrypt
+      if req.url:find("replaceDevice", 1, true) or (req.url:find("NEW-00030", 1, true) == nil and d.deviceKey == "NEW-00030") then
+        d.deviceSecret, d.sessionKey = "AAAA", "BBBB"
+      end
+    end)
+    local code, out, err = cli_run({ "device", "--asset-id", "A0000030", "--new-key", "NEW-00030", "--out",
+      dir .. "/dev30.json", "--yes" }, t)
+    assert.equal(6, code, err)
+    assert.equal("NEW-00030", h:device("A0000030").deviceKey)
+    assert.matches("not in hand", err, 1, true)
+    local rec = cjson.decode(H.readfile(dir .. "/dev30.json"))
+    assert.is_nil(rec.deviceSecret)
+    assert.equal("AAAA", rec.encrypted.deviceSecret)
+    assert.falsy((out .. err):find(h:device("A0000030").deviceSecret, 1, true))
+  end)
+
+  it("get --secret: a reply about another device writes nothing (exit 5); a secret not in hand exits 6", function()
+    local code, _, err = cli_run({ "get", "--asset-id", "A0000031", "--secret", "--out", dir .. "/get31.json" },
+      rewriting(function(_, d) d.assetId = "A0000032" end))
+    assert.equal(5, code, err)
+    assert.matches("another device", err, 1, true)
+    assert.is_false(exists(dir .. "/get31.json"))
+    code, _, err = cli_run({ "get", "--asset-id", "A0000031", "--secret", "--out", dir .. "/get31.json" },
+      rewriting(function(_, d) d.deviceSecret, d.sessionKey = nil, nil end))
+    assert.equal(6, code, err)
+    assert.matches("not in hand", err, 1, true)
+    -- and with an honest platform: exit 0, the secret in the file
+    code, _, err = cli_run({ "get", "--asset-id", "A0000031", "--secret", "--out", dir .. "/get31b.json" })
+    assert.equal(0, code, err)
+    assert.equal(h:device("A0000031").deviceSecret, cjson.decode(H.readfile(dir .. "/get31b.json")).deviceSecret)
+  end)
+
   it("a replace reply with an empty secret is not done: not counted, not in the credentials, recovered on resume", function()
     local plan = plan_of(dir, "empty", 20, 22)
     local inner = require("enos.core").easy { timeout = 5 }

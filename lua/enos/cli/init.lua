@@ -442,10 +442,19 @@ local function cmd_get(c, args)
   if args.secret then p.requireSecret = true end
   local dev, err = client:get_device(p)
   if not dev then client:close() return report_error(c, args, err, M.exit_code(err)) end
-  if args.secret and not dev.deviceSecret and not dev.encrypted then
-    say(c, "warning: the reply carries no secret")
+  if (target.assetId and dev.assetId ~= target.assetId) or
+      (not target.assetId and (dev.productKey ~= target.productKey or dev.deviceKey ~= target.deviceKey)) then
+    -- a reply about another device: its secret must not be written as this device's
+    client:close()
+    return report_error(c, args, errors.new("protocol", "the platform answered with another device (assetId " ..
+      tostring(dev.assetId) .. ", deviceKey " .. tostring(dev.deviceKey) .. "); nothing was written"), EXIT.network)
   end
-  if args.secret and dev.err then say(c, "warning: the secret could not be decrypted: %s", tostring(dev.err)) end
+  -- the secret in hand, as asked: decrypted when a private key is loaded (V2.1: in clear)
+  local missing = args.secret and not workflow.secret_in_hand(client, true, dev)
+  if missing then
+    say(c, "warning: the secret is not in hand: %s", dev.err and ("it could not be decrypted: " .. tostring(dev.err))
+      or "the reply carries no (complete) secret")
+  end
   if args.out then
     local rec = workflow.make_record(client, dev, { replacedAt = false })
     rec.replacedAt = nil
@@ -462,7 +471,7 @@ local function cmd_get(c, args)
     c.out(out.device_text(dev, args.show_secret))
     if args.out then c.out(string.format("  %-15s %s\n", "secret", "written to " .. args.out .. " (mode 0600)")) end
   end
-  return EXIT.ok
+  return missing and EXIT.verify or EXIT.ok
 end
 
 local function cmd_config(c, args)
