@@ -389,6 +389,9 @@ local function cmd_device(c, args)
     if err.outcome_unknown then
       note = string.format("OUTCOME UNKNOWN for asset %s: check it with `%s get --asset-id %s` before anything else.",
         tostring(asset), PROG, tostring(asset))
+    elseif r0 and r0.outcome == "conflict" then
+      note = "Nothing was changed by this command: the device changed since its preflight (see the key above); " ..
+        "check it with `" .. PROG .. " get --asset-id " .. tostring(asset) .. "` before deciding what to do."
     elseif r0 and (r0.outcome == "refused" or r0.outcome == "failed") then
       note = "Nothing was changed."
     end
