@@ -257,10 +257,6 @@ function M.run(client, plan, opts)
 
   collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
 
-  -- 1b. Prove the private key before anything is written or changed: once for the batch, on the first
-  -- plan row whose device can be read (its current secret must decrypt), not once per row.
-  local proof, perr = M.prove_key(client, plan, o)
-  if perr then return nil, perr end
 
   -- 2. Files: journal (required for durability), credentials, results.
   local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
@@ -281,6 +277,11 @@ function M.run(client, plan, opts)
       end
     end
   end
+  -- Prove the private key after the paths are checked (bad input is refused before any request) and before
+  -- anything is written or changed: once for the batch, on the first plan row whose device can be read (its
+  -- current secret must decrypt), not once per row.
+  local proof, perr = M.prove_key(client, plan, o)
+  if perr then return nil, perr end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
