@@ -9,7 +9,46 @@ local M = {}
 local KNOWN = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true, orgId = true }
 M.KNOWN = KNOWN
 
+local tointeger = math.tointeger       -- (nil on Lua 5.1/LuaJIT, where 7.0 prints as 7 anyway)
+
 M.MAX_EXTRA = 1024    -- bytes in a carried-through (extra) cell
+M.MAX_LINE = 65536    -- bytes in one plan record (a quoted CSV field's line breaks included)
+M.MAX_NAME = 128      -- bytes in a column (or JSONL field) name
+M.MAX_EXTRA_COLUMNS = 64   -- distinct extra columns (JSONL fields) carried into the outputs
+
+-- Names the batch's outputs use for their own columns (credentials and results files): a plan column of the
+-- same name would give an output two columns of one name and put the plan's value where ours belongs.
+M.RESERVED = { line = true, deviceSecret = true, encryptedSecret = true, sessionKey = true, outcome = true,
+  target = true, error_kind = true, error_code = true, message = true }
+
+-- The known columns by lower case, to catch a spreadsheet's `DeviceKey` for `deviceKey`.
+local KNOWN_LOWER = {}
+for k in pairs(KNOWN) do KNOWN_LOWER[k:lower()] = k end
+
+-- A short, printable excerpt of untrusted text for a message.
+local function excerpt(v, n)
+  n = n or 40
+  v = tostring(v):gsub("[%z\1-\31\127]", "?")
+  if #v > n then v = v:sub(1, n) .. "…" end
+  return v
+end
+M.excerpt = excerpt
+
+-- A column or field name: short, printable, not one of ours, not a known column in another case.
+-- Returns nil | message.
+local function check_name(name)
+  if type(name) ~= "string" then return "a field name that is not a string" end
+  if name == "" then return "an empty column name" end
+  if #name > M.MAX_NAME then return ("a column name longer than %d bytes (%s)"):format(M.MAX_NAME, excerpt(name)) end
+  if name:find("[%z\1-\31\127]") then return "column name " .. excerpt(name) .. " contains control characters" end
+  if KNOWN[name] then return nil end
+  if M.RESERVED[name] then
+    return ("column %s is a name the batch's output files use for their own column; rename it"):format(name)
+  end
+  local known = KNOWN_LOWER[name:lower()]
+  if known then return ("column %s: did you mean %s? (names are case-sensitive)"):format(name, known) end
+  return nil
+end
 
 --- True when s is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
 local valid_utf8 = json.valid_utf8
@@ -18,7 +57,14 @@ M.valid_utf8 = valid_utf8
 -- A carried-through value: a scalar, short, printable, UTF-8. Returns nil | message.
 local function check_extra(name, v)
   local t = type(v)
-  if t == "number" or t == "boolean" then return nil end
+  if t == "number" then
+    -- NaN, Infinity, 1e999 (as Python's json.dumps writes them) decode, but no output can encode them
+    if v ~= v or v == math.huge or v == -math.huge then
+      return ("column %s is not a finite number (NaN, Infinity or out of range)"):format(name)
+    end
+    return nil
+  end
+  if t == "boolean" then return nil end
   if t ~= "string" then return ("column %s must be a string, a number or a boolean"):format(name) end
   if #v > M.MAX_EXTRA then return ("column %s is longer than %d bytes"):format(name, M.MAX_EXTRA) end
   if v:find("[%z\1-\31\127]") then return ("column %s contains control characters"):format(name) end
@@ -42,8 +88,9 @@ local function split_csv(line, more)
       while true do
         local q = line:find('"', j, true)
         if not q then
-          local nxt = more and more()
-          if not nxt then return nil, "unterminated quoted field" end
+          local nxt, merr = nil, nil
+          if more then nxt, merr = more() end
+          if not nxt then return nil, merr or "unterminated quoted field" end
           buf[#buf + 1] = line:sub(j) .. "\n"
           line, j, n = nxt, 1, #nxt
         elseif line:sub(q + 1, q + 1) == '"' then
@@ -79,6 +126,34 @@ local function trim(s)
   return (s:gsub("^%s+", ""):gsub("%s+$", ""))
 end
 
+--- The name of a key that a JSON object text (one plan line, `n` distinct keys decoded from it) holds more
+-- than once, or nil. Fast path: each key is a string followed by `:`, so when the line has no more `"` + `:`
+-- pairs than decoded keys, no key can repeat; else every key is decoded (escapes too: `asset\u0049d` is
+-- `assetId`) and compared.
+function M.repeated_key(line, n)
+  local _, colons = line:gsub('"%s*:', "")
+  if colons <= n then return nil end
+  local seen, i = {}, 1
+  while true do
+    local a = line:find('"', i, true)
+    if not a then return nil end
+    local j = a + 1
+    while true do                          -- the closing quote: skip escaped characters
+      local q = line:find('[\\"]', j)
+      if not q then return nil end
+      if line:byte(q) == 92 then j = q + 2 else j = q break end
+    end
+    if line:find("^%s*:", j + 1) then
+      local key = json.decode(line:sub(a, j))
+      if key ~= nil then
+        if seen[key] then return key end
+        seen[key] = true
+      end
+    end
+    i = j + 1
+  end
+end
+
 --- Opens a plan file. Returns a reader with :rows() (an iterator of row, err)
 -- and :close(), or nil, message. format: "csv" | "jsonl" | nil (by extension or content).
 function M.open(path, format)
@@ -109,14 +184,29 @@ function M.Reader:rows()
   local f, lineno, header = self.f, 0, nil
   -- Lines split here, not by f:read("*l"): LuaJIT's line reader stops at a NUL byte and
   -- silently drops the rest of the line (a NUL must reach the row check, which names the field).
+  -- Linear in the plan's size whatever its lines: the buffer never holds more than a line's cap plus a chunk,
+  -- and a line over the cap is skipped chunk by chunk (reported, never buffered whole).
+  local max_line = M.MAX_LINE
   local buf, pos, eof = "", 1, false
+  local too_long = false      -- the last line returned was cut: over max_line
   local function rawline()
+    too_long = false
     while true do
       local nl = buf:find("\n", pos, true)
       if nl then
         local l = buf:sub(pos, nl - 1)
         pos = nl + 1
         return l
+      end
+      if #buf - pos + 1 > max_line then
+        -- over the cap: drop the rest of this line as it streams in
+        too_long = true
+        while true do
+          local chunk = f:read(65536)
+          if not chunk then eof = true buf, pos = "", 1 return "" end
+          local at = chunk:find("\n", 1, true)
+          if at then buf, pos = chunk, at + 1 return "" end
+        end
       end
       if eof then
         if pos > #buf then return nil end
@@ -136,42 +226,77 @@ function M.Reader:rows()
     end
     return l
   end
+  -- the next physical line of a quoted CSV field: the record as a whole stays under the cap
+  local record_len = 0
+  local function moreline()
+    local l = nextline()
+    if l == nil then return nil end
+    record_len = record_len + #l + 1
+    if too_long or record_len > max_line then return nil, "too long" end
+    return l
+  end
   return function()
     while true do
       local line = nextline()
       if not line then return nil end
+      local start = lineno
+      if too_long then
+        -- (the header too: a header over the cap is fatal, nothing after it can be read as rows)
+        return false, { line = start, fatal = self.format == "csv" and not header or nil,
+          message = ("the line is longer than %d bytes"):format(max_line) }
+      end
       if lineno == 1 then line = line:gsub("^\239\187\191", "") end      -- UTF-8 BOM
       local lead = line:match("^%s*(.?)")          -- "" for a blank line, "#" for a comment
       if lead ~= "" and lead ~= "#" then
-        local start = lineno
         if self.format == "jsonl" then
           local doc, jerr = json.decode(line)
           if type(doc) ~= "table" or doc[1] ~= nil then
-            return false, { line = start, message = "not a JSON object: " .. tostring(jerr or "") }
+            return false, { line = start, message = "not a JSON object: " .. excerpt(jerr or "", 80) }
           end
-          local fields, extra = {}, {}
+          local fields, extra, n = {}, {}, 0
           for k, v in pairs(doc) do
+            n = n + 1
             if KNOWN[k] then fields[k] = v
             else
-              local bad = type(k) ~= "string" and "a field name that is not a string" or check_extra(k, v)
+              local bad = check_name(k) or check_extra(k, v)
               if bad then return false, { line = start, message = bad } end
+              -- (lua-cjson decodes 7 as 7.0 on Lua 5.4: carried as the integer the plan wrote)
+              if tointeger and type(v) == "number" then v = tointeger(v) or v end
               extra[k] = v
             end
           end
+          -- a repeated key ({"assetId":"A","assetId":"B"}): lua-cjson keeps one silently
+          local dup = M.repeated_key(line, n)
+          if dup then return false, { line = start, message = "field " .. excerpt(dup) .. " appears twice" } end
           return { line = start, fields = fields, extra = extra }
         end
-        local cells, cerr = split_csv(line, nextline)
-        if not cells then return false, { line = start, message = "malformed CSV: " .. cerr } end
+        record_len = #line
+        local cells, cerr = split_csv(line, moreline)
+        if not cells then
+          if cerr == "too long" then
+            return false, { line = start, fatal = not header or nil,
+              message = ("the record is longer than %d bytes"):format(max_line) }
+          end
+          return false, { line = start, message = "malformed CSV: " .. cerr }
+        end
         if not header then
           header = {}
           for i, name in ipairs(cells) do header[i] = trim(name) end
           self.header = header
           local has = {}
-          for _, name in ipairs(header) do has[name] = true end
+          for _, name in ipairs(header) do
+            local bad = check_name(name)
+            if not bad and has[name] then
+              -- a spreadsheet export that repeats a column: the last one would silently win
+              bad = "column " .. name .. " appears twice in the header"
+            end
+            if bad then return false, { line = start, fatal = true, message = "header: " .. bad } end
+            has[name] = true
+          end
           if not has.newDeviceKey or not (has.assetId or (has.productKey and has.deviceKey)) then
             return false, { line = start, fatal = true,
               message = "the header needs newDeviceKey and assetId or productKey,deviceKey (got: "
-                .. table.concat(header, ",") .. ")" }
+                .. excerpt(table.concat(header, ","), 200) .. ")" }
           end
         else
           if #cells ~= #header then
@@ -250,6 +375,8 @@ function M.check(path, format, max_errors)
   local out = { rows = 0, errors = {}, format = reader.format }
   -- two sets for the whole plan (memory is what a 100,000-row plan costs): targets and new keys
   local targets, newkeys = {}, {}
+  -- JSONL rows' extra fields become output columns too (first seen first; a row's own sorted), bounded
+  local extra_seen, extra_order = {}, {}
   local function add(line, message)
     if #out.errors < max_errors then out.errors[#out.errors + 1] = { line = line, message = message } end
     out.error_count = (out.error_count or 0) + 1
@@ -260,6 +387,19 @@ function M.check(path, format, max_errors)
       if rerr.fatal then break end
     else
       out.rows = out.rows + 1
+      if reader.format == "jsonl" and next(row.extra) ~= nil then
+        local names = {}
+        for k in pairs(row.extra) do if not extra_seen[k] then names[#names + 1] = k end end
+        table.sort(names)
+        for _, k in ipairs(names) do
+          if #extra_order >= M.MAX_EXTRA_COLUMNS then
+            add(row.line, ("more than %d distinct extra fields in the plan (%s)"):format(M.MAX_EXTRA_COLUMNS, excerpt(k)))
+            break
+          end
+          extra_seen[k] = true
+          extra_order[#extra_order + 1] = k
+        end
+      end
       local t, verr = M.check_row(row.fields)
       if not t then
         add(row.line, verr)
@@ -284,7 +424,7 @@ function M.check(path, format, max_errors)
       end
     end
   end
-  out.extra_columns = {}
+  out.extra_columns = extra_order
   for _, name in ipairs(reader.header or {}) do
     if not KNOWN[name] then out.extra_columns[#out.extra_columns + 1] = name end
   end

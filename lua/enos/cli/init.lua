@@ -177,6 +177,13 @@ Profile file format (INI; `#` or `;` starts a comment line):
 
 Exits 3 when a required setting (endpoint, access_key, secret_key, org_id) is missing.
 ]] .. CONFIG_TEXT)
+  -- An option given twice (`--asset-id A --asset-id B`, a shell history edit) is refused, not the last one
+  -- silently taken: every option that takes a value is single-valued (argparse: "must be used at most 1 time").
+  for _, cmd in ipairs { p, d, b, g, c } do
+    for _, opt in ipairs(cmd._options or {}) do
+      if (opt._maxargs or 0) > 0 then opt:overwrite(false) end
+    end
+  end
   return p, { main = p, device = d, get = g, config = c, batch = b }
 end
 
