@@ -3,6 +3,7 @@
  * and the directory fsynced after a creation. */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 #include <sys/stat.h>
@@ -139,6 +140,42 @@ static int l_file_mode(lua_State *L) {
   return 1;
 }
 
+static const char *type_name(mode_t m) {
+  if (S_ISREG(m)) return "file";
+  if (S_ISDIR(m)) return "directory";
+  if (S_ISFIFO(m)) return "fifo";
+  if (S_ISCHR(m)) return "char device";
+  if (S_ISBLK(m)) return "block device";
+  if (S_ISSOCK(m)) return "socket";
+  if (S_ISLNK(m)) return "symlink";
+  return "other";
+}
+
+/* stat(path) -> {type, size, mode, uid, id} | nil, message, errno (symlinks followed). `type` is "file",
+ * "directory", "fifo", "char device", … (without opening: a FIFO's open would block); `id` is "dev:ino",
+ * the same string for two paths that name one file (a hard link, a symlink, another spelling). */
+static int l_stat(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1);
+  struct stat st;
+  if (stat(path, &st) != 0) return push_errno(L, "cannot stat", path);
+  lua_createtable(L, 0, 5);
+  lua_pushstring(L, type_name(st.st_mode));
+  lua_setfield(L, -2, "type");
+  lua_pushinteger(L, (lua_Integer)st.st_size);
+  lua_setfield(L, -2, "size");
+  lua_pushinteger(L, (lua_Integer)(st.st_mode & 07777));
+  lua_setfield(L, -2, "mode");
+  lua_pushinteger(L, (lua_Integer)st.st_uid);
+  lua_setfield(L, -2, "uid");
+  {
+    char id[64];
+    snprintf(id, sizeof id, "%llu:%llu", (unsigned long long)st.st_dev, (unsigned long long)st.st_ino);
+    lua_pushstring(L, id);
+  }
+  lua_setfield(L, -2, "id");
+  return 1;
+}
+
 /* rename_durable(from, to) -> true | nil, message: rename then fsync the directory */
 static int l_rename_durable(lua_State *L) {
   const char *from = luaL_checkstring(L, 1), *to = luaL_checkstring(L, 2);
@@ -160,6 +197,7 @@ static const luaL_Reg file_funcs[] = {
   {"open_file", l_open_file},
   {"file_mode", l_file_mode},
   {"rename_durable", l_rename_durable},
+  {"stat", l_stat},
   {NULL, NULL}
 };
 

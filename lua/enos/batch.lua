@@ -19,7 +19,7 @@ M.OPTIONS = {
   backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number", read_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
-  plan_format = "string",
+  plan_format = "string", reverify = "boolean",
 }
 
 M.DEFAULTS = {
@@ -158,6 +158,75 @@ function M.check(plan, opts)
   return res, err
 end
 
+-- ---------------------------------------------------------------- resume: the journal against its plan
+
+--- Checks, before anything is sent, that a journal being resumed belongs to this plan: the plan's fingerprint
+-- must be the header's, and every done record's new key (and asset, where the plan names one) must be its plan
+-- row's. With reverify, a difference is no error: the done rows are read back from the platform instead
+-- (state.reverify). Returns nil | an error naming the journal line and the plan line.
+function M.check_resume(state, plan, src, o)
+  local h = state.header or {}
+  if h.plan_sha256 and src.fp and (h.plan_sha256 ~= src.fp.sha256 or h.plan_size ~= src.fp.size) then
+    if not o.reverify then
+      return errors.new("invalid_argument", ("the plan %s is not the one journal was started with (%d bytes then, " ..
+        "%d now): resume with the original plan, or add --reverify to read every done row back from the " ..
+        "platform and trust only what it shows"):format(src.name, tonumber(h.plan_size) or -1, src.fp.size),
+        { field = "plan" })
+    end
+    state.reverify = true
+    return nil
+  end
+  local rows, close = plan_rows(plan, src.format or o.plan_format)
+  local bad
+  for row in rows do
+    if row then
+      local t = plan_mod.check_row(row.fields)
+      local prev = t and state.by_key[plan_mod.target_key(t)]
+      if prev and prev.state == "done" and (prev.newDeviceKey ~= t.newDeviceKey or
+          (t.assetId and prev.assetId and prev.assetId ~= t.assetId)) then
+        bad = ("journal line %d says plan line %d is done with newDeviceKey %s, but the plan's line %d asks for %s")
+          :format(prev.jline or 0, tonumber(prev.line) or 0, plan_mod.excerpt(prev.newDeviceKey), row.line,
+            t.newDeviceKey)
+        break
+      end
+    end
+  end
+  close()
+  if bad and not o.reverify then
+    return errors.new("invalid_argument", bad .. ": this journal does not belong to this plan (or was altered); " ..
+      "add --reverify to read the done rows back from the platform and trust only what it shows", { field = "journal" })
+  end
+  if bad then state.reverify = true end
+  return nil
+end
+
+-- ---------------------------------------------------------------- reading a row back
+
+--- Reads a row's device back to learn whether its replace happened: the device the plan names (its
+-- assetId; else the journal's; else the product's device holding the new key), read with the secret when
+-- one is wanted. Returns the device when it shows the plan's new key and its secret is in hand; nil when it
+-- does not show the new key (not done: safe to run); false when it cannot be told (unreadable, or the new
+-- key without a usable secret: resume again).
+function M._read_row(client, t, prev, require_secret, attempts, pause)
+  local asset = t.assetId or (prev and prev.assetId)
+  local ident = asset and { assetId = asset, orgId = t.orgId }
+    or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
+  ident.requireSecret = require_secret or nil
+  for attempt = 1, attempts do
+    local d, err = client:get_device(ident)
+    -- (another device answering teaches nothing: read again)
+    local other = d and ((asset and d.assetId ~= asset) or (t.productKey and d.productKey ~= t.productKey))
+    if d and not other then
+      if d.deviceKey ~= t.newDeviceKey then return nil end
+      if workflow.secret_in_hand(client, require_secret, d) then return d end
+    elseif not d and (err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400 and not asset)) then
+      return nil
+    end
+    if attempt < attempts then pause(attempt) end
+  end
+  return false
+end
+
 -- ---------------------------------------------------------------- the key proof
 
 --- Reads the first plan rows' devices with requireSecret (at most 3 rows) until one answers, and checks that
@@ -244,27 +313,27 @@ function M.run(client, plan, opts)
     return nil, errors.arg("progress", "progress must be a boolean or a function")
   end
 
-  -- 1. Check the whole plan before the first request.
-  local chk, cerr = M.check(plan, { format = o.plan_format })
-  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
-  if chk.error_count > 0 then
-    local first = chk.errors[1]
-    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
-      :format(chk.error_count, first.line, first.message))
-    e.check = chk
-    return nil, e
-  end
-
-  collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
-
-
-  -- 2. Files: journal (required for durability), credentials, results.
-  local jpath = o.journal or (type(plan) == "string" and plan .. ".journal")
+  -- 0. Four different files: the plan, the journal, the credentials and the results. Any two that are one
+  -- file (the same path, another spelling, a symlink, a hard link) would overwrite or append into each other.
+  local plan_name = type(plan) == "string" and plan or nil
+  local jpath = o.journal or (plan_name and plan_name .. ".journal")
   if not jpath then return nil, errors.arg("journal", "a journal path is required") end
+  local rpath = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
   do
+    local seen = {}
+    for _, f in ipairs { { "plan", plan_name }, { "journal", jpath }, { "out", o.out }, { "results", rpath } } do
+      if f[2] then
+        local id = M.file_identity(f[2])
+        local other = seen[id]
+        if other then
+          return nil, errors.arg(f[1], ("%s %s and %s %s are the same file: give each its own"):format(other[1],
+            other[2], f[1], f[2]))
+        end
+        seen[id] = f
+      end
+    end
     -- every output refused before the journal is created: a typo must not leave a journal behind
-    local rp = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
-    for _, f in ipairs { { "journal", jpath }, { "out", o.out }, { "results", rp } } do
+    for _, f in ipairs { { "journal", jpath }, { "out", o.out }, { "results", rpath } } do
       if f[2] and not (o.resume and f[1] ~= "journal") then
         local ok, werr = workflow.check_writable(f[2], o.resume and f[1] == "journal")
         if not ok then
@@ -277,11 +346,64 @@ function M.run(client, plan, opts)
       end
     end
   end
+
+  -- The rows that run are exactly the rows that were checked: the check and the run read a private
+  -- snapshot of the plan, taken now; its size and SHA-256 go into the journal's header, and a resume with a
+  -- plan that differs is refused (unless reverify). Rows added to the plan while the batch runs do not run.
+  -- (A plan given as an iterator is the caller's to keep stable; on resume its rows are checked one by one.)
+  local src = { name = plan_name or "(iterator)" }
+  local snap
+  if plan_name then
+    local fp, serr = plan_mod.snapshot(plan_name, o.plan_format)
+    if not fp then return nil, errors.new("invalid_argument", serr) end
+    snap, src.fp, src.format = fp.path, fp, fp.format
+  end
+  local ok, r1, r2 = pcall(M._run_checked, client, snap or plan, o, src, jpath, rpath)
+  if snap then os.remove(snap) end
+  if not ok then error(r1, 0) end
+  return r1, r2
+end
+
+--- The identity of a path for "are these the same file": the file's device and inode when it exists
+-- (symlinks and hard links resolved), else its directory's and its name.
+function M.file_identity(path)
+  local st = core.stat(path)
+  if st then return "file " .. st.id end
+  local dir, base = path:match("^(.*)/([^/]*)$")
+  if not dir then dir, base = ".", path end
+  if dir == "" then dir = "/" end
+  local dst = core.stat(dir)
+  if dst then return "dir " .. dst.id .. "/" .. base end
+  return "path " .. path
+end
+
+-- The run, once the options and the files are checked. plan: the snapshot's path or an iterator factory.
+function M._run_checked(client, plan, o, src, jpath, rpath)
+  -- 1. Check the whole plan before the first request.
+  local chk, cerr = M.check(plan, { format = src.format or o.plan_format })
+  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
+  if chk.error_count > 0 then
+    local first = chk.errors[1]
+    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
+      :format(chk.error_count, first.line, first.message))
+    e.check = chk
+    return nil, e
+  end
+
+  collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
+
+
+  -- 2. Files: journal (required for durability), credentials, results (their paths checked by M.run).
   -- Prove the private key after the paths are checked (bad input is refused before any request) and before
   -- anything is written or changed: once for the batch, on the first plan row whose device can be read (its
   -- current secret must decrypt), not once per row.
-  local proof, perr = M.prove_key(client, plan, o)
-  if perr then return nil, perr end
+  -- (a resume proves it after its journal is checked against the plan: a refused resume sends nothing)
+  local proof, perr
+  local function prove()
+    proof, perr = M.prove_key(client, plan, { require_secret = o.require_secret, plan_format = src.format or o.plan_format })
+    return perr
+  end
+  if not o.resume and prove() then return nil, perr end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
@@ -293,9 +415,23 @@ function M.run(client, plan, opts)
   local journal, jstate = journal_mod.open(jpath, { resume = o.resume,
     keep_encrypted = function(rec) return o.out ~= nil and not present[rec.newDeviceKey] end })
   if not journal then return nil, errors.new("config", tostring(jstate)) end
+  local warnings = {}
+  if jstate.repaired then warnings[#warnings + 1] = jstate.repaired end
   if not o.resume or journal.state.records == 0 then
-    journal:append { t = "batch", plan = type(plan) == "string" and plan or "(iterator)", rows = chk.rows,
-      version = core._VERSION }
+    if o.resume and prove() then journal:close() return nil, perr end
+    journal:append { t = "batch", plan = src.name, rows = chk.rows, version = core._VERSION,
+      plan_size = src.fp and src.fp.size, plan_sha256 = src.fp and src.fp.sha256 }
+  else
+    -- 2b. A resume trusts its journal only for the plan it was written for, row by row.
+    local bad = M.check_resume(journal.state, plan, src, o) or prove()
+    if bad then
+      journal:close()
+      return nil, bad
+    end
+    if not (journal.state.header and journal.state.header.plan_sha256) and src.fp then
+      warnings[#warnings + 1] = "journal " .. jpath .. " was written by an older enos (no plan fingerprint): " ..
+        "its done rows were checked against the plan one by one"
+    end
   end
   if o.out then
     local cols = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret", "sessionKey",
@@ -305,7 +441,6 @@ function M.run(client, plan, opts)
     if not r then journal:close() return nil, errors.new("config", err) end
     cred = r
   end
-  local rpath = o.results or (jpath:gsub("%.journal$", "") .. ".results.csv")
   do
     local cols = { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind", "error_code", "message" }
     for _, x in ipairs(chk.extra_columns or {}) do cols[#cols + 1] = x end
@@ -324,7 +459,8 @@ function M.run(client, plan, opts)
   } or { multi = core.multi {} })
   local base = own and sched.transport or client._transport
   local row_of = {}            -- coroutine → row
-  local stats = { total = chk.rows, done = 0, replaced = 0, reconciled = 0, skipped = 0, failed = 0,
+  local reverify = o.reverify or journal.state.reverify
+  local stats = { total = chk.rows, done = 0, replaced = 0, reconciled = 0, skipped = 0, reverified = 0, failed = 0,
     failed_by_kind = {}, retries = 0, requests = 0 }
   local pause_until = 0
   local bucket = { tokens = o.qps and math.max(1, o.qps) or 0, at = sched.now() }
@@ -474,9 +610,8 @@ function M.run(client, plan, opts)
   end
 
   -- Reads back a device whose replace may have happened (in flight when the
-  -- process died): done → the new credentials; not done → nil (safe to run).
+  -- process died): done → the new credentials; not done → nil (safe to run); false: unreadable.
   local function read_back(row, prev)
-    local t = row.target
     -- The request may still be on its way or being handled: wait until it
     -- must have ended (its timeout) plus the settle time before trusting a read.
     -- ("unknown" was written after the request had ended: only the settle time is left.)
@@ -484,26 +619,30 @@ function M.run(client, plan, opts)
     local ready_at = (prev.ts or 0) + in_flight + (o.settle_ms or 2000)
     local wait = ready_at - core.now_ms()
     if wait > 0 then sched:sleep(wait / 1000) end
-    local ident = prev.assetId and { assetId = prev.assetId, orgId = t.orgId }
-      or (t.assetId and { assetId = t.assetId, orgId = t.orgId })
-      or { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId }
-    ident.requireSecret = require_secret or nil
-    for attempt = 1, o.read_attempts do
-      local d, err = client:get_device(ident)
-      if d then
-        if d.deviceKey ~= t.newDeviceKey then return nil end
-        -- replaced: the row is only done once its secret is in hand (else resume again)
-        if workflow.secret_in_hand(client, require_secret, d) then return d end
-      elseif err.kind == "not_found" then
-        return nil
-      end
-      if attempt < o.read_attempts then sched:sleep(backoff_cap(attempt) / 1000) end
-    end
-    return false
+    return M._read_row(client, row.target, prev, require_secret, o.read_attempts,
+      function(a) sched:sleep(backoff_cap(a) / 1000) end)
   end
 
   local function run_row(row)
     local prev = journal.state.by_key[row.key]
+    if prev and prev.state == "done" and reverify then
+      -- trust only what the platform shows: done there (new key, secret in hand) or run the row again
+      local d = M._read_row(client, row.target, prev, require_secret, o.read_attempts,
+        function(a) sched:sleep(backoff_cap(a) / 1000) end)
+      if d then
+        deliver(row, { assetId = d.assetId, productKey = d.productKey, deviceKey = d.deviceKey,
+          deviceSecret = d.deviceSecret, encrypted = d.encrypted }, "done")
+        stats.skipped, stats.reverified = stats.skipped + 1, stats.reverified + 1
+        return
+      elseif d == false then
+        local e = errors.new("transport", "could not read the device back to check the journal's done record; " ..
+          "resume again")
+        result(row, "unknown", prev.assetId, e)
+        count(e)
+        return
+      end
+      prev = nil                            -- not done on the platform, whatever the journal said
+    end
     if prev and prev.state == "done" then
       if cred and not present[row.target.newDeviceKey] and prev.assetId then
         -- the journal has it but the credentials file does not: recover from the journal
@@ -607,7 +746,7 @@ function M.run(client, plan, opts)
   -- (a task per worker, not per row: no coroutine and stack to build and collect for every row),
   -- and the group commit between the scheduler's turns.
   t0 = sched.now()
-  local rows, close_plan = plan_rows(plan, o.plan_format)
+  local rows, close_plan = plan_rows(plan, src.format or o.plan_format)
   local exhausted = false
   local function next_row()
     while not exhausted do
@@ -651,6 +790,7 @@ function M.run(client, plan, opts)
   end
   stats.elapsed = (sched.now() - t0) / 1000
   stats.key_proof = proof
+  stats.warnings = warnings
   stats.rate = human_rate(stats.done + stats.failed, stats.elapsed)
   stats.journal, stats.results, stats.credentials = jpath, rpath, o.out
   stats.fsyncs = journal.fsyncs

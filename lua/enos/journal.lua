@@ -11,7 +11,7 @@ local J = {}
 J.__index = J
 
 -- The fields of a record that a resume needs (the rest is history).
-local KEEP = { "state", "assetId", "productKey", "newDeviceKey", "ts", "timeout", "outcome" }
+local KEEP = { "state", "assetId", "productKey", "newDeviceKey", "ts", "timeout", "outcome", "line" }
 
 --- Reads a journal: returns {by_key = {key → last record (compact)}, header = first record, records = n} | nil, err.
 -- A torn last line (the process died mid-write) is ignored. `keep_encrypted(rec)` says whether a done
@@ -36,7 +36,7 @@ function M.read(path, keep_encrypted)
         out.records = out.records + 1
         if rec.t == "batch" then out.header = out.header or rec
         elseif rec.key then
-          local c = {}
+          local c = { jline = lineno }       -- (where it is in the journal: named when a resume refuses it)
           for _, k in ipairs(KEEP) do c[k] = rec[k] end
           if rec.encrypted and (not keep_encrypted or keep_encrypted(rec)) then c.encrypted = rec.encrypted end
           out.by_key[rec.key] = c
@@ -46,6 +46,79 @@ function M.read(path, keep_encrypted)
   end
   f:close()
   return out
+end
+
+-- The last byte of a file and its size (nil when it cannot be read).
+local function tail_of(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local size = f:seek("end")
+  local last
+  if size and size > 0 then
+    f:seek("set", size - 1)
+    last = f:read(1)
+  end
+  f:close()
+  return size, last
+end
+
+--- Repairs a journal whose last line was torn by a crash or power cut mid-write (no final newline): a last
+-- line that is a whole record gets its newline; a fragment is copied aside to `<path>.torn-<ms>` (0600) and
+-- cut off (the journal is rewritten without it: a private copy, fsynced, renamed over it durably), so the
+-- next record does not glue to it. Returns nil (nothing to do) | a note saying what was done | nil, err.
+function M.repair(path)
+  local size, last = tail_of(path)
+  if not size or size == 0 or last == "\n" then return nil end
+  local f = assert(io.open(path, "rb"))
+  -- the start of the last line: search back in chunks (the fragment is at most one record)
+  local cut, pos = 0, size
+  while pos > 0 and cut == 0 do
+    local from = math.max(0, pos - 65536)
+    f:seek("set", from)
+    local chunk = f:read(pos - from)
+    local i = #chunk
+    while i > 0 and chunk:byte(i) ~= 10 do i = i - 1 end
+    if i > 0 then cut = from + i end
+    pos = from
+  end
+  f:seek("set", cut)
+  local fragment = f:read("*a")
+  f:close()
+  if type(json.decode(fragment)) == "table" then
+    local af, aerr = core.open_file(path, "append")
+    if not af then return nil, aerr end
+    local ok, werr = af:write("\n")
+    if ok then ok, werr = af:sync() end
+    af:close()
+    if not ok then return nil, werr end
+    return "journal " .. path .. ": its last record had no line end (added)"
+  end
+  local aside = ("%s.torn-%d"):format(path, math.floor(core.now_ms()))
+  local sf, serr = core.open_file(aside, "excl")
+  if not sf then return nil, serr end
+  local ok, werr = sf:write(fragment)
+  if ok then ok, werr = sf:sync() end
+  sf:close()
+  if not ok then return nil, werr end
+  -- the good prefix, copied in chunks to a private file next to the journal, then renamed over it
+  local tmp = ("%s.repair-%d"):format(path, math.floor(core.now_ms()))
+  local tf, terr = core.open_file(tmp, "excl")
+  if not tf then return nil, terr end
+  local src = assert(io.open(path, "rb"))
+  local left = cut
+  while left > 0 and ok do
+    local chunk = src:read(math.min(left, 65536))
+    if not chunk then ok, werr = nil, "short read" break end
+    ok, werr = tf:write(chunk)
+    left = left - #chunk
+  end
+  src:close()
+  if ok then ok, werr = tf:sync() end
+  tf:close()
+  if ok then ok, werr = core.rename_durable(tmp, path) end
+  if not ok then os.remove(tmp) return nil, werr end
+  return ("journal %s: a torn last line (%d bytes, a crash mid-write) was set aside in %s"):format(path,
+    #fragment, aside)
 end
 
 --- Opens a journal for appending. opts.resume: the file may exist (and is read);
@@ -59,7 +132,10 @@ function M.open(path, opts)
     if not opts.resume then
       return nil, "journal " .. path .. " already exists: use --resume to continue that batch, or another --journal"
     end
+    local note, rerr = M.repair(path)
+    if rerr then return nil, "journal " .. path .. ": cannot repair its torn last line: " .. tostring(rerr) end
     local st, err = M.read(path, opts.keep_encrypted)
+    if st then st.repaired = note end
     if not st then return nil, err end
     state = st
   end

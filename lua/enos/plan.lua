@@ -1,6 +1,7 @@
 --- Batch plans: streamed CSV (with a header) or JSON Lines, row by row, with
 -- every row validated and the whole plan checked for duplicates.
 -- @module enos.plan
+local core = require "enos.core"
 local json = require "enos.json"
 local client_mod = require "enos.client"
 
@@ -152,6 +153,38 @@ function M.repeated_key(line, n)
     end
     i = j + 1
   end
+end
+
+--- Copies a plan into a private temporary file (0600) and fingerprints it on the way: the check and the run
+-- then read those bytes, whatever happens to the plan meanwhile. Returns {path, size, sha256, format} | nil, err.
+-- sha256: SHA-256 chained over 64 KiB blocks (h = sha256(h .. block)), in hex; it names these exact bytes.
+function M.snapshot(path, format)
+  local st = core.stat(path)
+  if st and st.type ~= "file" then
+    return nil, ("cannot read the plan %s: it is a %s, not a regular file"):format(path, st.type)
+  end
+  local reader, err = M.open(path, format)         -- (format detection, and the error a user knows)
+  if not reader then return nil, err end
+  format = reader.format
+  reader:close()
+  local src = io.open(path, "rb")
+  if not src then return nil, "cannot read the plan " .. path end
+  local tmp = os.tmpname()
+  local dst, derr = io.open(tmp, "wb")
+  if not dst then src:close() os.remove(tmp) return nil, "cannot copy the plan: " .. tostring(derr) end
+  local size, h = 0, ""
+  while true do
+    local block = src:read(65536)
+    if not block then break end
+    size = size + #block
+    h = core.sha256_hex(h .. block)
+    local ok, werr = dst:write(block)
+    if not ok then src:close() dst:close() os.remove(tmp) return nil, "cannot copy the plan: " .. tostring(werr) end
+  end
+  src:close()
+  local ok, cerr = dst:close()
+  if not ok then os.remove(tmp) return nil, "cannot copy the plan: " .. tostring(cerr) end
+  return { path = tmp, size = size, sha256 = h, format = format }
 end
 
 --- Opens a plan file. Returns a reader with :rows() (an iterator of row, err)

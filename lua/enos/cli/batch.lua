@@ -27,6 +27,8 @@ function M.add_command(p, h)
     b:option("--journal", "Journal file (default PLAN.journal): makes the batch resumable."):argname("<file>"),
     b:option("--results", "Results file (default JOURNAL.results.csv): every row's outcome."):argname("<file>"),
     b:flag("--resume", "Continue the batch of --journal: skip done rows, reconcile rows that were in flight."),
+    b:flag("--reverify", "With --resume: read every row the journal says is done back from the platform and "
+      .. "trust only what it shows (for a plan that changed since the journal began, or a journal in doubt)."),
     b:flag("--check", "Only check the plan (every row, duplicates); send nothing."),
     b:flag("--no-secret", "Do not request the new deviceSecrets."),
     b:flag("-y --yes", "Do not ask for confirmation."),
@@ -70,6 +72,7 @@ local run_plan
 function M.run(c, args, h)
   local EXIT = h.EXIT
   if not args.plan then h.say(c, "a plan file is required: enos-replace batch PLAN") return EXIT.usage end
+  if args.reverify and not args.resume then h.say(c, "--reverify goes with --resume") return EXIT.usage end
   if args.plan ~= "-" then return run_plan(c, args, h, args.plan, args.plan) end
   -- The plan on stdin: read whole into a private temporary file (it is read twice: checked, then run).
   if not args.check and not args.journal then
@@ -200,13 +203,15 @@ function run_plan(c, args, h, plan_path, plan_name)
   local s, err = batch.run(client, plan_path, {
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
-    progress = progress,
+    progress = progress, reverify = args.reverify or nil,
   })
   client:close()
   if not s then
     local code = err.kind == "invalid_argument" and EXIT.usage or (err.kind == "config" and EXIT.config or EXIT.network)
     return h.report_error(c, args, err, code)
   end
+  for _, w in ipairs(s.warnings or {}) do h.say(c, "warning: %s", w) end
+  if (s.reverified or 0) > 0 then h.say(c, "%d done row(s) read back and confirmed on the platform", s.reverified) end
   local kinds = {}
   for k, n in pairs(s.failed_by_kind) do kinds[#kinds + 1] = k .. " " .. n end
   table.sort(kinds)
