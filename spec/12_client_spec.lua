@@ -113,7 +113,7 @@ describe("client token handling", function()
     assert.equal(2, stub.token_requests)
   end)
 
-  it("a 401 for a bad signature is auth without a retry", function()
+  it("any 401 gets one fresh token and one re-send (the gateway refused it first); a second 401 is auth", function()
     local stub = H.stub(function()
       return { status = 401, headers = {}, body = '{"status":401,"msg":"signature mismatch"}' }
     end)
@@ -121,7 +121,9 @@ describe("client token handling", function()
     local _, err = c:replace_device { assetId = "a1", newDeviceKey = "key-0001" }
     assert.equal("auth", err.kind)
     assert.equal(401, err.status)
-    assert.equal(1, #stub:api_requests())
+    assert.matches("signature mismatch", err.message, 1, true)
+    assert.equal(2, #stub:api_requests())
+    assert.equal(2, stub.token_requests)
   end)
 
   it("a 1001 (an earlier request's encryption was taken, its reply lost) gets one new request, new timestamp",

@@ -19,7 +19,7 @@ M.OPTIONS = {
   backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number", read_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
-  plan_format = "string", reverify = "boolean",
+  plan_format = "string", reverify = "boolean", max_retry_after = "number",
 }
 
 M.DEFAULTS = {
@@ -34,6 +34,7 @@ M.DEFAULTS = {
   read_attempts = 8,       -- attempts of each read (preflight, read-back, verify) a dropped connection fails
   progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
   commit_ms = 3,           -- group commit: at most one journal fsync started per commit_ms
+  max_retry_after = 300,   -- seconds: the longest Retry-After honoured (the pause is shown in progress)
 }
 
 -- ---------------------------------------------------------------- output files
@@ -300,7 +301,7 @@ function M.run(client, plan, opts)
   for _, k in ipairs { "retry_attempts", "max_attempts", "read_attempts" } do
     if o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
   end
-  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval", "commit_ms" } do
+  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "progress_interval", "commit_ms", "max_retry_after" } do
     if o[k] ~= nil and o[k] < 0 then return nil, errors.arg(k, k .. " must be a number >= 0") end
   end
   if o.format ~= nil and o.format ~= "csv" and o.format ~= "jsonl" then
@@ -529,7 +530,11 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
         end
         -- backpressure for everyone: honour Retry-After, else full-jitter exponential backoff
         local ra = tonumber(res.headers and res.headers["retry-after"])
-        local delay = ra and ra * 1000 or rnd() * backoff_cap(attempt)
+        if ra and ra > o.max_retry_after then
+          stats.retry_after_cut = math.max(stats.retry_after_cut or 0, ra)
+          ra = o.max_retry_after
+        end
+        local delay = ra and math.max(ra, 0) * 1000 or rnd() * backoff_cap(attempt)
         pause_until = math.max(pause_until, sched.now() + delay)
         stats.retries = stats.retries + 1
       end
@@ -545,8 +550,10 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     local finished = stats.done + stats.skipped + stats.failed
     local rate = human_rate(stats.done + stats.failed, elapsed)
     local eta = rate > 0 and (stats.total - finished) / rate or nil
+    local now = sched.now()
     local p = { done = finished, total = stats.total, rate = rate, eta = eta, retries = stats.retries,
-      failed = stats.failed, elapsed = elapsed, final = final }
+      failed = stats.failed, elapsed = elapsed, final = final,
+      paused = pause_until > now and (pause_until - now) / 1000 or nil }      -- (a 429's pause, s)
     if type(o.progress) == "function" then return o.progress(p) end
   end
 
@@ -555,6 +562,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
     read_attempts = o.read_attempts, backoff_ms = o.backoff_ms, backoff_max_ms = o.backoff_max_ms,
+    max_retry_after = o.max_retry_after,
     steps = false,              -- the batch keeps its own records: no per-row step list
     prove_key = false,          -- proven once for the batch (M.prove_key), not on every row's preflight
   })
@@ -790,6 +798,10 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   end
   stats.elapsed = (sched.now() - t0) / 1000
   stats.key_proof = proof
+  if stats.retry_after_cut then
+    warnings[#warnings + 1] = ("the gateway asked to wait %s s (Retry-After); the batch waited %s s at most " ..
+      "(max_retry_after)"):format(stats.retry_after_cut, o.max_retry_after)
+  end
   stats.warnings = warnings
   stats.rate = human_rate(stats.done + stats.failed, stats.elapsed)
   stats.journal, stats.results, stats.credentials = jpath, rpath, o.out

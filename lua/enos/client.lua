@@ -84,17 +84,23 @@ local function check_options(opts)
   end
   for _, k in ipairs { "cafile", "capath" } do
     if opts[k] ~= nil then
-      if not core.file_mode(opts[k]) then
+      local st = core.stat(opts[k])
+      if not st then
         return nil, errors.new("config", "client option '" .. k .. "': no such file or directory: " .. opts[k], { field = k })
       end
+      -- (a FIFO or a device as the CA bundle would block or never end inside the TLS library)
+      local why = k == "cafile" and require("enos.files").not_regular(opts[k], "CA file", 16 * 1024 * 1024)
+        or (k == "capath" and st.type ~= "directory" and ("CA directory " .. opts[k] .. " is a " .. st.type))
+      if why then return nil, errors.new("config", "client option '" .. k .. "': " .. why, { field = k }) end
     end
   end
   if opts.max_body ~= nil and not (opts.max_body >= 1024 and opts.max_body <= 1024 ^ 3) then
     return nil, errors.new("config", "max_body must be between 1 KiB and 1 GiB", { field = "max_body" })
   end
   for _, k in ipairs { "timeout", "connect_timeout" } do
-    if opts[k] ~= nil and not (opts[k] > 0 and opts[k] <= 86400) then
-      return nil, errors.new("config", k .. " must be between 0 and 86400 seconds", { field = k })
+    -- (libcurl counts milliseconds: below 1 ms a timeout would round to 0, which means none at all)
+    if opts[k] ~= nil and not (opts[k] >= 0.001 and opts[k] <= 86400) then
+      return nil, errors.new("config", k .. " must be between 0.001 and 86400 seconds", { field = k })
     end
   end
   if opts.api_version ~= nil and opts.api_version ~= "v2.4" and opts.api_version ~= "v2.1" then
@@ -231,6 +237,14 @@ function Client:_send_raw(req)
   return res
 end
 
+-- An HTTP 404 that is not an EnOS envelope: the URL is no EnOS API (a wrong endpoint or path), which no
+-- retry or other device will fix: a configuration error, not "device not found".
+local function not_an_endpoint(res, doc, url)
+  if res.status ~= 404 or (type(doc) == "table" and type(doc.code) == "number") then return nil end
+  return errors.new("config", "not an EnOS API endpoint: " .. tostring(url):gsub("%?.*$", "") ..
+    " answered HTTP 404 (check the endpoint URL)", { status = 404 })
+end
+
 -- One request to the token service; returns {value, expires_at} | nil, err.
 function Client:_token_request(path, extra)
   if not self.access_key or not self._secret_key then
@@ -248,6 +262,8 @@ function Client:_token_request(path, extra)
     once = true,
   }
   if not res then return nil, err end
+  local bad_url = not_an_endpoint(res, json.decode(res.body or ""), self.endpoint .. path)
+  if bad_url then return nil, bad_url end
   -- an HTTP error is the gateway's (503 outage, 429 throttling), whatever JSON it carries: never "auth"
   if res.status < 200 or res.status > 299 then
     return nil, errors.from_status(res.status, res.headers, errors.scrub(res.body, self:_secrets()))
@@ -382,14 +398,18 @@ function Client:_sign(spec, token)
   }, Request)
 end
 
+-- The gateway refused the token (before the service saw the call): a bare HTTP 401 whatever its body, code
+-- 1203, or HTTP 200 with `apim_status` 4011 (refresh) / 4012 (get a new one), as Envision's SDKs expect.
 local function token_rejected(res, doc)
-  if type(doc) == "table" and (doc.code == 1203 or doc.status == 1203) then return true end
-  if res.status == 401 then
-    local b = (res.body or ""):lower()
-    return b:find("token", 1, true) ~= nil
+  if res.status == 401 then return true end
+  if type(doc) == "table" then
+    if doc.code == 1203 or doc.status == 1203 then return true end
+    local a = tonumber(doc.apim_status)
+    if a == 4011 or a == 4012 then return true end
   end
   return false
 end
+
 
 -- Interprets a reply: data, envelope | nil, err.
 function Client:_interpret(res, doc)
@@ -433,18 +453,23 @@ function Client:_call(spec)
     res, err = self:_send_raw(req)
     if not res then return nil, err end
     local doc = json.decode(res.body or "")
-    if attempt == 1 and token_rejected(res, doc) then
-      -- Drop the token only if nobody replaced it meanwhile; the retry then
-      -- fetches one (shared with concurrent callers).
-      if self._token and self._token.value == token then
-        self._token = nil
-        if self._token_cache then self._token_cache:set(self, nil, token) end  -- (only if still that one)
-      end
-    else
+    local bad_url = not_an_endpoint(res, doc, req.url)
+    if bad_url then return nil, bad_url end
+    local refused = token_rejected(res, doc)
+    -- (a second refusal, with a fresh token: `auth`, with what the gateway said when it said something)
+    if not refused or (attempt == 2 and (res.status == 401 or (type(doc) == "table" and doc.code == 1203))) then
       return self:_interpret(res, doc)
     end
+    if attempt == 2 then break end
+    -- Drop the token only if nobody replaced it meanwhile; the retry then
+    -- fetches one (shared with concurrent callers). Safe for a replace too: the gateway refused it.
+    if self._token and self._token.value == token then
+      self._token = nil
+      if self._token_cache then self._token_cache:set(self, nil, token) end  -- (only if still that one)
+    end
   end
-  return nil, errors.new("auth", "the gateway rejected a freshly issued token")
+  return nil, errors.new("auth", "the gateway refused a freshly issued token too (HTTP 401, code 1203 or " ..
+    "apim_status 4011/4012): check the application's access to this API", { status = 401 })
 end
 
 -- ---------------------------------------------------------------- calls

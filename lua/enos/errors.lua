@@ -23,7 +23,37 @@ function mt.__tostring(e)
   local s = table.concat(parts, " ")
   if e.retry_after then s = s .. string.format(" (retry after %s s)", e.retry_after) end
   if e.request_id then s = s .. " (request " .. e.request_id .. ")" end
+  -- (a message extended after it was made is cleaned here too)
+  return M.clean(s, 2 * M.MAX_MESSAGE)
+end
+
+M.MAX_MESSAGE = 1000    -- bytes of an error message (what the platform echoes is cut past this)
+
+-- C0 and C1 control characters (ESC of an escape sequence, CR, LF, BEL, CSI 0x9b in UTF-8 as C2 9B, …)
+local function escape_control(c) return string.format("\\x%02x", c:byte(-1)) end
+
+--- What the platform (or a plan) sent, made safe to print: control characters become visible `\xNN`
+-- escapes, so an envelope's `msg` cannot move the cursor, rewrite a line or forge another; cut at `max` bytes.
+function M.clean(s, max)
+  if type(s) ~= "string" then return s end
+  if s:find("[%z\1-\31\127\194]") then
+    s = s:gsub("\194[\128-\159]", escape_control):gsub("[%z\1-\31\127]", escape_control)
+  end
+  max = max or M.MAX_MESSAGE
+  if #s > max then
+    local cut = max
+    -- (not inside a UTF-8 sequence)
+    while cut > 0 and s:byte(cut + 1) and s:byte(cut + 1) >= 0x80 and s:byte(cut + 1) < 0xC0 do cut = cut - 1 end
+    s = s:sub(1, cut) .. "…"
+  end
   return s
+end
+
+-- Lua 5.4 decodes JSON's 1003 as 1003.0: codes and statuses are kept as the integers they are.
+local tointeger = math.tointeger
+local function int(v)
+  if tointeger and type(v) == "number" then return tointeger(v) or v end
+  return v
 end
 
 --- Creates an error. `fields` may carry code, status, request_id, field, retry_after, retryable, …
@@ -31,7 +61,9 @@ function M.new(kind, message, fields)
   assert(M.KINDS[kind], "unknown error kind " .. tostring(kind))
   local e = {}
   if fields then for k, v in pairs(fields) do e[k] = v end end
-  e.kind, e.message = kind, message
+  e.kind, e.message = kind, M.clean(message)
+  e.code, e.status = int(e.code), int(e.status)
+  if type(e.request_id) == "string" then e.request_id = M.clean(e.request_id, 128) end
   if e.retryable == nil then e.retryable = RETRYABLE[kind] or false end
   return setmetatable(e, mt)
 end

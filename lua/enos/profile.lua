@@ -98,18 +98,13 @@ end
 
 --- Reads and parses the file at path: parsed | nil (no such file) | nil, err.
 function M.load(path)
-  local f = io.open(path, "rb")
-  if not f then
-    -- a file we cannot read is an error; a missing one is not
-    local st = os.execute("test -e " .. shell_quote(path))
-    if st == true or st == 0 then
-      return nil, errors.new("config", "cannot read profile file " .. path)
-    end
-    return nil
-  end
-  local text = f:read("*a")
-  f:close()
-  if text == nil then return nil, errors.new("config", "cannot read profile file " .. path) end
+  -- a missing file is no error; one that is not a small regular file, or cannot be read, is
+  local files = require "enos.files"
+  local why, missing = files.not_regular(path, "profile file")
+  if missing then return nil end
+  if why then return nil, errors.new("config", why) end
+  local text, err = files.read_small(path, "profile file")
+  if not text then return nil, err end
   return M.parse(text, path)
 end
 

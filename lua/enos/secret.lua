@@ -120,13 +120,10 @@ function M.load_private_key(src)
     if type(src.file) ~= "string" or src.file == "" then
       return nil, errors.new("config", "private key file must be a path", { field = "file" })
     end
-    local f, ferr = io.open(src.file, "rb")
-    if not f then return nil, errors.new("config", "cannot read private key file: " .. tostring(ferr), { field = "file" }) end
-    pem = f:read("*a")
-    f:close()
-    if type(pem) ~= "string" then     -- a directory opens, but does not read
-      return nil, errors.new("config", "cannot read private key file: " .. src.file, { field = "file" })
-    end
+    -- (a regular file only, and small: a FIFO or /dev/zero would block or read forever)
+    local err
+    pem, err = require("enos.files").read_small(src.file, "private key file")
+    if not pem then err.field = "file" return nil, err end
   elseif type(src) == "string" then
     pem = src
   else

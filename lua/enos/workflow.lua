@@ -28,6 +28,7 @@ M.DEFAULTS = {
   poll_max_ms = 10000,
   format = "json",
   steps = true,            -- false: a lean report (no step records, no provisioning record) for many rows
+  max_retry_after = 300,   -- seconds: the longest Retry-After honoured (a longer one is cut, with a warning)
   prove_key = true,        -- preflight reads the current secret and decrypts it: a wrong private key stops
                            -- before anything changes (a batch proves the key once itself: false per row)
 }
@@ -37,6 +38,7 @@ local KNOWN_OPTS = {
   backoff_max_ms = true, settle_ms = true, verify_attempts = true, poll_ms = true, poll_max_ms = true,
   format = true, require_secret = true, dry_run = true, out = true, overwrite = true, wait_active = true,
   sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true, prove_key = true,
+  max_retry_after = true,
 }
 
 M.FORMATS = { json = true, env = true, text = true }
@@ -178,7 +180,13 @@ function Ctx:backoff(attempt, err)
   local ms = math.min(self.o.backoff_max_ms, self.o.backoff_ms * 2 ^ (attempt - 1))
   ms = ms * (0.75 + 0.5 * math.random())
   if err and type(err.retry_after) == "number" then
-    ms = math.max(ms, math.min(err.retry_after * 1000, 60000))
+    -- honoured up to max_retry_after: a gateway's `Retry-After: 86400` must not sleep a day in silence
+    local cap = self.o.max_retry_after * 1000
+    if err.retry_after * 1000 > cap then
+      self:warn(("the gateway asked to wait %s s (Retry-After); waited %s s (max_retry_after)"):format(
+        err.retry_after, self.o.max_retry_after))
+    end
+    ms = math.max(ms, math.min(err.retry_after * 1000, cap))
   end
   self:sleep_ms(math.floor(ms))
 end
@@ -222,7 +230,7 @@ local function check_opts(opts)
   for _, k in ipairs { "max_attempts", "read_attempts", "verify_attempts" } do
     if type(o[k]) ~= "number" or o[k] < 1 or o[k] % 1 ~= 0 then return nil, errors.arg(k, k .. " must be an integer >= 1") end
   end
-  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "poll_ms", "poll_max_ms" } do
+  for _, k in ipairs { "backoff_ms", "backoff_max_ms", "settle_ms", "poll_ms", "poll_max_ms", "max_retry_after" } do
     if type(o[k]) ~= "number" or o[k] < 0 then return nil, errors.arg(k, k .. " must be a number >= 0") end
   end
   if o.wait_active ~= nil and (type(o.wait_active) ~= "number" or o.wait_active < 0) then
@@ -408,13 +416,21 @@ end
 --- Checks that `path` could be written: refuses an existing file unless overwrite, and a directory
 -- where we cannot create files. Returns true | nil, err.
 function M.check_writable(path, overwrite)
-  if exists(path) and not overwrite then
+  -- (stat, not open: opening a FIFO blocks until a writer comes; a device is no file to replace)
+  local st = core.stat(path)
+  if st and st.type ~= "file" then
+    return nil, errors.arg("out", "output file " .. path .. " is a " .. st.type .. ", not a regular file")
+  end
+  if (st or exists(path)) and not overwrite then
     return nil, errors.arg("out", "output file " .. path .. " exists; refusing to overwrite it (use overwrite)")
   end
   local probe = tmp_name(path)
   if not create_private(probe) then
     local dir = split_path(path)
-    return nil, errors.arg("out", "cannot create files in " .. dir)
+    -- the OS's own reason (a missing directory, permission, a name too long), not a guess
+    local f, oserr = io.open(probe, "wb")
+    if f then f:close() os.remove(probe) end
+    return nil, errors.arg("out", "cannot create files in " .. dir .. (oserr and (": " .. oserr:gsub("^[^:]*: ", "")) or ""))
   end
   os.remove(probe)
   return true

@@ -30,6 +30,7 @@ function M.add_command(p, h)
     b:flag("--reverify", "With --resume: read every row the journal says is done back from the platform and "
       .. "trust only what it shows (for a plan that changed since the journal began, or a journal in doubt)."),
     b:flag("--check", "Only check the plan (every row, duplicates); send nothing."),
+    b:option("--max-retry-after", "The longest Retry-After (s) the batch honours when throttled (default 300)."):argname("<s>"),
     b:flag("--no-secret", "Do not request the new deviceSecrets."),
     b:flag("-y --yes", "Do not ask for confirmation."),
     b:flag("--json", "Print the summary as one JSON document on stdout.")
@@ -104,11 +105,11 @@ end
 -- The command on a plan file at plan_path (named plan_name in messages).
 function run_plan(c, args, h, plan_path, plan_name)
   local EXIT = h.EXIT
-  for _, name in ipairs { "concurrency", "qps" } do
+  for _, name in ipairs { "concurrency", "qps", "max_retry_after" } do
     if args[name] ~= nil then
       local n = tonumber(args[name])
-      if not n or n <= 0 or (name == "concurrency" and (n % 1 ~= 0 or n > 1024)) then
-        h.say(c, "--%s must be a %s", name, name == "concurrency" and "whole number 1-1024" or "positive number")
+      if not n or n <= 0 or n ~= n or n == math.huge or (name == "concurrency" and (n % 1 ~= 0 or n > 1024)) then
+        h.say(c, "--%s must be a %s", name:gsub("_", "-"), name == "concurrency" and "whole number 1-1024" or "positive number")
         return EXIT.usage
       end
       args[name] = n
@@ -192,6 +193,8 @@ function run_plan(c, args, h, plan_path, plan_name)
   local function progress(p)
     local line = string.format("%d/%d done  %.1f/s  ETA %s  retries %d  failed %d", p.done, p.total, p.rate,
       fmt_eta(p.eta), p.retries, p.failed)
+    -- (the gateway throttles: say that the batch waits, and how long, rather than look stuck)
+    if p.paused and p.paused >= 1 then line = line .. string.format("  throttled: waiting %d s", math.ceil(p.paused)) end
     if tty_err then
       c.err("\r\27[K" .. line .. (p.final and "\n" or ""))
     else
@@ -203,7 +206,7 @@ function run_plan(c, args, h, plan_path, plan_name)
   local s, err = batch.run(client, plan_path, {
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
-    progress = progress, reverify = args.reverify or nil,
+    progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
   })
   client:close()
   if not s then

@@ -106,7 +106,8 @@ local function build_parser(state)
     d:flag("--dry-run", "Run the preflight and show the signed requests; change nothing."),
     d:flag("-y --yes", "Do not ask for confirmation."),
     d:flag("--skip-free-check", "Do not search that the new key is free before replacing."),
-    d:option("--max-attempts", "Replace attempts in all when the outcome is unknown (default 3)."):argname("<n>")
+    d:option("--max-attempts", "Replace attempts in all when the outcome is unknown (default 3)."):argname("<n>"),
+    d:option("--max-retry-after", "The longest Retry-After (s) honoured when throttled (default 300)."):argname("<s>")
   )
   d:group("Output",
     d:flag("--json", "Print one JSON document on stdout."),
@@ -271,6 +272,19 @@ local function resolve_config(c, args)
   return r
 end
 
+-- Client options as a command-line user knows them.
+local CLIENT_FLAGS = {
+  endpoint = "--endpoint, ENOS_ENDPOINT or the profile's endpoint",
+  access_key = "--access-key, ENOS_ACCESS_KEY or the profile's access_key",
+  secret_key = "--secret-key, ENOS_SECRET_KEY or the profile's secret_key",
+  org_id = "--org-id, ENOS_ORG_ID or the profile's org_id",
+  timeout = "--timeout, ENOS_TIMEOUT or the profile's timeout",
+  cafile = "--ca-file, ENOS_CA_FILE or the profile's ca_file",
+  private_key_file = "--private-key-file, ENOS_PRIVATE_KEY_FILE or the profile's private_key_file",
+  file = "--private-key-file, ENOS_PRIVATE_KEY_FILE or the profile's private_key_file",
+  api_version = "--api-version, ENOS_API_VERSION or the profile's api_version",
+}
+
 local function make_client(c, args)
   local r, err = resolve_config(c, args)
   if not r then return nil, report_error(c, args, err, EXIT.config) end
@@ -290,7 +304,12 @@ local function make_client(c, args)
   for k, v in pairs(c.client_options or {}) do opts[k] = v end
   local client
   client, err = enos.client(opts)
-  if not client then return nil, report_error(c, args, err, EXIT.config) end
+  if not client then
+    -- a client option's error names the flag and the other places the setting can come from
+    local where = err.field and CLIENT_FLAGS[err.field]
+    if where then err.message = tostring(err.message) .. " (" .. where .. ")" end
+    return nil, report_error(c, args, err, EXIT.config)
+  end
   return client, r
 end
 
@@ -330,7 +349,7 @@ local function number_arg(c, args, name, flag, integer)
   local v = args[name]
   if v == nil then return true end
   local n = tonumber(v)
-  if not n or n < 0 or (integer and (n < 1 or n % 1 ~= 0)) then
+  if not n or n < 0 or n ~= n or n == math.huge or (integer and (n < 1 or n % 1 ~= 0)) then
     say(c, "%s must be a %s", flag, integer and "whole number >= 1" or "number of seconds >= 0")
     return nil
   end
@@ -349,6 +368,7 @@ local function cmd_device(c, args)
   target.newDeviceKey = args.new_key
   if not number_arg(c, args, "wait_active", "--wait-active") then return EXIT.usage end
   if not number_arg(c, args, "max_attempts", "--max-attempts", true) then return EXIT.usage end
+  if not number_arg(c, args, "max_retry_after", "--max-retry-after") then return EXIT.usage end
   if args.overwrite and not args.out then say(c, "--overwrite needs --out") return EXIT.usage end
   if args.format and not args.out then say(c, "--format needs --out") return EXIT.usage end
   if not args.yes and not args.dry_run and not c.isatty then
@@ -371,7 +391,12 @@ local function cmd_device(c, args)
   local wopts = {
     check_free = not args.skip_free_check, dry_run = args.dry_run or nil, out = args.out,
     format = args.format or "json", overwrite = args.overwrite or nil, wait_active = args.wait_active,
-    max_attempts = args.max_attempts, sleep = c.sleep, clock = c.clock,
+    max_attempts = args.max_attempts, clock = c.clock, max_retry_after = args.max_retry_after,
+    -- a long wait (a throttled gateway's Retry-After, a backoff) is said, so the command does not look stuck
+    sleep = function(s)
+      if s >= 5 then say(c, "waiting %d s before trying again (the gateway is throttling or busy)", math.ceil(s)) end
+      return (c.sleep or workflow.default_sleep)(s)
+    end,
   }
   -- require_secret stays nil (= when a private key is loaded, or V2.1) unless --no-secret
   if args.no_secret then wopts.require_secret = false end
