@@ -519,6 +519,7 @@ local function preflight(ctx, client, target)
   local prove = o.prove_key and ctx.require_secret and client:has_private_key()
   if prove then ident.requireSecret = true end
   local dev, err = ctx:read(client.get_device, client, ident)
+  ctx.reads = { prove and "Get Device (with requireSecret, to prove the private key)" or "Get Device" }
   if not dev then
     if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
       err.message = "device not found (" .. describe_target(target) .. "): " .. tostring(err.message)
@@ -572,6 +573,7 @@ local function preflight(ctx, client, target)
     local list, serr = ctx:read(function()
       return client:search_devices { expression = expr, pageNo = 1, pageSize = 10, orgId = target.orgId }
     end)
+    ctx.reads[#ctx.reads + 1] = "Search Device (is the new key free?)"
     if not list then
       ctx:warn("could not check that newDeviceKey is free (" .. tostring(serr) .. "); the replace will tell")
     else
@@ -602,6 +604,7 @@ local function preflight(ctx, client, target)
       page = page + 1
     end
     ctx.subs_before = subs
+    ctx.reads[#ctx.reads + 1] = "Search Sub-Device"
     report.subdevices = { before = #subs, after = nil, reattached = 0 }
   end
   ctx:finish(s, "ok", "%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
@@ -996,7 +999,9 @@ function M.replace(client, target, opts)
     local vreq = client:prepare("get_device", { assetId = dev.assetId, orgId = t.orgId })
     report.requests = { { name = "replace", text = tostring(req) } }
     if vreq then report.requests[2] = { name = "verify", text = tostring(vreq) } end
-    ctx:finish(s, "ok", "nothing sent; " .. #report.requests .. " signed request(s) prepared")
+    report.reads = ctx.reads
+    ctx:finish(s, "ok", "only reads sent (" .. table.concat(ctx.reads, ", ") .. "); the replace was not sent; " ..
+      #report.requests .. " signed request(s) prepared")
     report.ok, report.outcome = true, "dry_run"
     report.ms = ctx:now() - ctx.t0
     return report

@@ -6,6 +6,8 @@ local out = require "enos.cli.output"
 
 local M = {}
 
+local PROG_NAME = "enos-replace"
+
 M.EXIT_TEXT = [[
 Exit codes (batch):
    0  every row is done (now or in an earlier run resumed here)
@@ -203,12 +205,27 @@ function run_plan(c, args, h, plan_path, plan_name)
     end
   end
 
+  -- an interrupt from here on: the journal is consistent at any point, --resume continues
+  local again = { PROG_NAME, "batch" }
+  for _, a in ipairs(c.argv) do
+    if a ~= "batch" and a ~= "--resume" then
+      again[#again + 1] = a:find("[^%w%._/:=@,+%-]") and ("'" .. a:gsub("'", "'\\''") .. "'") or a
+    end
+  end
+  again[#again + 1] = "--resume"
+  c.pending = { batch = table.concat(again, " ") }
   local s, err = batch.run(client, plan_path, {
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
   })
   client:close()
+  if not s and tostring(err.message):find("interrupted!", 1, true) then
+    h.say(c, "interrupted. The journal is consistent: continue with the same command and --resume:\n  %s",
+      c.pending.batch)
+    return EXIT.network
+  end
+  c.pending = nil
   if not s then
     local code = err.kind == "invalid_argument" and EXIT.usage or (err.kind == "config" and EXIT.config or EXIT.network)
     return h.report_error(c, args, err, code)

@@ -400,17 +400,23 @@ local function cmd_device(c, args)
   }
   -- require_secret stays nil (= when a private key is loaded, or V2.1) unless --no-secret
   if args.no_secret then wopts.require_secret = false end
+  local function confirmed(plan)
+    -- from here on the replace may reach the platform: an interrupt is an unknown outcome
+    c.pending = { replace = true, asset = plan.assetId, new_key = plan.newDeviceKey, out = args.out }
+    return true
+  end
   wopts.confirm = function(plan)
     if not args.json or not args.yes then c.err(out.plan_text(plan, client.endpoint, client.org_id)) end
-    if args.yes then return true end
+    if args.yes then return confirmed(plan) end
     c.err("Proceed? [y/N] ")
     local answer = c.readline()
-    if answer and answer:lower():match("^%s*y[es]*%s*$") then return true end
+    if answer and answer:lower():match("^%s*y[es]*%s*$") then return confirmed(plan) end
     c.err("Not confirmed; nothing changed.\n")
     return false
   end
 
   local report, err = workflow.replace(client, target, wopts)
+  c.pending = nil
   client:close()
   if not report then
     local code = M.exit_code(err)
@@ -588,11 +594,33 @@ local function run(c)
 end
 
 --- Runs one command; returns the exit code (never raises).
+-- Ctrl-C: the interpreter raises "interrupted!" at the next Lua instruction (a transfer under way finishes
+-- first). What that means depends on where the command was.
+local function interrupted(c)
+  local p = c.pending
+  if p and p.replace then
+    say(c, "interrupted. OUTCOME UNKNOWN for asset %s: the replace (-> %s) may have been applied. Before anything " ..
+      "else, recover the secret with:\n  %s get --asset-id %s --secret --out %s", tostring(p.asset),
+      tostring(p.new_key), PROG, tostring(p.asset), p.out and (p.out .. ".recovered") or "FILE")
+    return EXIT.network
+  elseif p and p.batch then
+    say(c, "interrupted. The journal is consistent: continue with the same command and --resume:\n  %s", p.batch)
+    return EXIT.network
+  end
+  say(c, "interrupted; nothing was changed")
+  return 130
+end
+
 function M.main(ctx)
   local c = new_ctx(ctx or {})
-  local ok, code = xpcall(run, debug.traceback, c)
+  local trace
+  local ok, code = xpcall(run, function(e) trace = debug.traceback(tostring(e), 2) return e end, c)
   if ok then return code end
-  c.err(PROG .. ": internal error: " .. tostring(code) .. "\n")
+  if tostring(code):find("interrupted!", 1, true) then return interrupted(c) end
+  -- a bug of ours: one line (no Lua traceback on the terminal) unless ENOS_DEBUG=1 asks for it
+  c.err(PROG .. ": internal error: " .. errors.clean(tostring(code)) .. "\n")
+  if c.getenv("ENOS_DEBUG") == "1" then c.err(tostring(trace) .. "\n")
+  else c.err(PROG .. ": (run with ENOS_DEBUG=1 for the details to report)\n") end
   return EXIT.aborted
 end
 

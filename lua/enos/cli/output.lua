@@ -4,6 +4,10 @@
 local cjson = require "cjson"
 local workflow = require "enos.workflow"
 
+
+-- What the platform sent, printed as data: control characters shown as \xNN, never sent to the terminal raw.
+local function clean(v) return require("enos.errors").clean(tostring(v), 4096) end
+
 local M = {}
 
 -- ---------------------------------------------------------------- JSON
@@ -167,8 +171,8 @@ end
 --- Human lines for a device.
 function M.device_text(d, show_secret)
   local lines = {}
-  local function add(k, v) if v ~= nil and v ~= "" then lines[#lines + 1] = string.format("  %-15s %s", k, tostring(v)) end end
-  lines[#lines + 1] = string.format("Device %s", tostring(d.assetId))
+  local function add(k, v) if v ~= nil and v ~= "" then lines[#lines + 1] = string.format("  %-15s %s", k, clean(v)) end end
+  lines[#lines + 1] = string.format("Device %s", clean(d.assetId))
   for _, k in ipairs(DEVICE_ORDER) do
     local v = d[k]
     if k == "deviceName" then v = name_of(d)
@@ -193,10 +197,10 @@ end
 --- The plan shown before a replace.
 function M.plan_text(plan, endpoint, org)
   local lines = {
-    string.format("About to replace a device key on %s (org %s):", endpoint, tostring(org)),
-    string.format("  asset        %s (%s, %s)", plan.assetId, tostring(plan.productKey), tostring(plan.productType)),
-    string.format("  key          %s  ->  %s", tostring(plan.deviceKey), plan.newDeviceKey),
-    string.format("  status       %s now; inactive after (the old hardware can no longer connect)", tostring(plan.status)),
+    string.format("About to replace a device key on %s (org %s):", clean(endpoint), clean(org)),
+    string.format("  asset        %s (%s, %s)", clean(plan.assetId), clean(plan.productKey), clean(plan.productType)),
+    string.format("  key          %s  ->  %s", clean(plan.deviceKey), clean(plan.newDeviceKey)),
+    string.format("  status       %s now; inactive after (the old hardware can no longer connect)", clean(plan.status)),
   }
   if plan.require_secret then
     lines[#lines + 1] = "  secret       the new deviceSecret is requested" ..
@@ -213,11 +217,12 @@ end
 --- Human summary of a report.
 function M.report_text(r, show_secret)
   local lines = {}
-  local function add(k, v) lines[#lines + 1] = string.format("  %-12s %s", k, v) end
+  local function add(k, v) lines[#lines + 1] = string.format("  %-12s %s", k, clean(v)) end
   local old, new = r.old or {}, r.new
   if r.outcome == "dry_run" then
-    lines[#lines + 1] = string.format("Dry run: would replace %s (%s) key %s -> %s; nothing was sent.",
-      tostring(old.assetId), tostring(old.productKey), tostring(old.deviceKey), r.target.newDeviceKey)
+    lines[#lines + 1] = string.format("Dry run: would replace %s (%s) key %s -> %s; the replace was not sent.",
+      clean(old.assetId), clean(old.productKey), clean(old.deviceKey), r.target.newDeviceKey)
+    if r.reads then lines[#lines + 1] = "Read-only calls made: " .. table.concat(r.reads, ", ") .. "." end
     for _, q in ipairs(r.requests or {}) do
       lines[#lines + 1] = ""
       lines[#lines + 1] = "# " .. q.name
@@ -227,7 +232,7 @@ function M.report_text(r, show_secret)
   elseif new then
     local head = r.outcome == "reconciled" and "Replaced (reconciled: a reply was lost; the device was read back)"
       or "Replaced"
-    lines[#lines + 1] = string.format("%s: asset %s (%s)", head, tostring(new.assetId), tostring(new.productKey))
+    lines[#lines + 1] = string.format("%s: asset %s (%s)", head, clean(new.assetId), clean(new.productKey))
     add("key", string.format("%s -> %s", tostring(old.deviceKey), tostring(new.deviceKey)))
     add("status", tostring(new.status or "?"))
     if show_secret and (new.deviceSecret or new.encrypted) then
