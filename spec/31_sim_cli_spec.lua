@@ -1,6 +1,7 @@
 -- bin/enos-sim as a user runs it: start (daemon) with a Lua config and flags, status, stop.
 local sim = dofile("spec/sim_helper.lua")
 local cjson = require "cjson"
+local H = require "helpers"
 
 local function sh(cmd)
   local p = io.popen(cmd .. " 2>&1; echo \"__rc=$?\"")
@@ -60,5 +61,39 @@ describe("bin/enos-sim", function()
     local rc, out = sh(bin .. " start --secret-scheme rsa_padding=rot13")
     assert.not_equal(0, rc)
     assert.matches("rsa_padding", out)
+  end)
+
+  it("stop trusts no planted state: not a shared state directory, not a process or directory that is not its own", function()
+    local base = os.tmpname()
+    os.remove(base)
+    assert(os.execute("mkdir -p " .. base))
+    local uid = (io.popen("id -u"):read("*l"))
+    local state = base .. "/enos-sim-" .. uid
+    local env = "XDG_RUNTIME_DIR=" .. base .. " "
+    -- a victim process and a victim directory
+    local victim = io.popen("sleep 30 & echo $!"):read("*l")
+    local vdir = base .. "/precious"
+    assert(os.execute("mkdir -p " .. vdir .. "/logs " .. vdir .. "/conf && echo keep > " .. vdir .. "/data && " ..
+      "echo " .. victim .. " > " .. vdir .. "/logs/nginx.pid && : > " .. vdir .. "/conf/nginx.conf"))
+    -- 1. a state directory others can write to is not trusted at all
+    assert(os.execute("mkdir -m 777 " .. state .. " && chmod 777 " .. state))
+    H.writefile(state .. "/last", vdir .. "\n")
+    local rc, out = sh(env .. bin .. " stop --clean")
+    assert.equal(2, rc, out)
+    assert.matches("not a private directory", out, 1, true)
+    -- 2. a private one naming a directory whose pid file names another process: not signalled, not removed
+    assert(os.execute("chmod 700 " .. state))
+    rc, out = sh(env .. bin .. " stop --clean")
+    assert.equal(1, rc, out)
+    assert.matches("is not the nginx master of", out, 1, true)
+    assert.is_true(os.execute("kill -0 " .. victim) == true or os.execute("kill -0 " .. victim) == 0)
+    -- 3. no process: --clean still keeps a directory the launcher did not make
+    assert(os.execute("kill " .. victim))
+    os.execute("sleep 0.2")
+    rc, out = sh(env .. bin .. " stop --clean")
+    assert.equal(0, rc, out)
+    assert.matches("kept: not a simulator prefix", out, 1, true)
+    assert.equal("keep\n", H.readfile(vdir .. "/data"))
+    os.execute("rm -rf " .. base)
   end)
 end)

@@ -264,6 +264,9 @@ function M.generate(opts)
   if not exists(prefix .. "/conf/.") and not run("test -d " .. q(prefix .. "/conf")) then
     return nil, "enos-sim: cannot create prefix " .. prefix
   end
+  -- the mark of a prefix this launcher made: `stop --clean` removes only a directory that has it
+  local mark = io.open(prefix .. "/" .. M.MARK, "w")
+  if mark then mark:write("enos-sim prefix\n") mark:close() end
 
   local certs
   if opts.tls then
@@ -420,6 +423,10 @@ function M.stop(prefix, opts)
   if not prefix then return nil, "enos-sim: stop needs --prefix" end
   prefix = abspath(prefix)
   local pid = read_pid(prefix)
+  if pid and M.alive(pid) and not M.is_master_of(pid, prefix) then
+    -- a pid file (or a planted one) naming a process that is not this prefix's nginx: never signalled
+    return nil, ("enos-sim: process %d is not the nginx master of %s; not signalling it"):format(pid, prefix)
+  end
   if not pid or not M.alive(pid) then
     os.remove(prefix .. "/logs/nginx.pid")
     if opts.clean then M.remove_prefix(prefix) end
@@ -452,9 +459,28 @@ function M.status(prefix)
   return info
 end
 
---- Remove a prefix directory (only one that looks like ours).
+--- True when process `pid` is the nginx master running with prefix `prefix` (its command line, as nginx
+-- rewrites it: "nginx: master process nginx -p PREFIX …").
+function M.is_master_of(pid, prefix)
+  local cmd = read_file("/proc/" .. tonumber(pid) .. "/cmdline")
+  if not cmd then return false end
+  cmd = cmd:gsub("%z", " ")
+  if not cmd:find("nginx: master process", 1, true) then return false end
+  cmd = cmd .. " "
+  return cmd:find("-p " .. prefix .. " ", 1, true) ~= nil or cmd:find("-p " .. prefix .. "/ ", 1, true) ~= nil
+end
+
+M.MARK = "conf/enos-sim.prefix"
+
+--- Remove a prefix directory: only one this launcher made (its mark), owned by the user, not a symlink.
 function M.remove_prefix(prefix)
-  if prefix and exists(prefix .. "/conf/nginx.conf") then run("rm -rf " .. q(prefix)) end
+  if not prefix or not exists(prefix .. "/" .. M.MARK) or not exists(prefix .. "/conf/nginx.conf") then return false end
+  if run("test -L " .. q(prefix)) then return false end
+  local _, owner = capture("stat -c %u " .. q(prefix))
+  local _, me = capture("id -u")
+  if not owner or owner:gsub("%s", "") ~= (me or ""):gsub("%s", "") then return false end
+  run("rm -rf " .. q(prefix))
+  return true
 end
 
 return M
