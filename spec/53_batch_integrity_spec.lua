@@ -177,6 +177,19 @@ describe("batch integrity against the simulator", function()
     assert.equal(h:device("A0000031").deviceSecret, cjson.decode(H.readfile(dir .. "/get31b.json")).deviceSecret)
   end)
 
+  it("a Retry-After of a day pauses the batch only max_retry_after seconds, and says so", function()
+    local plan = plan_of(dir, "retryafter", 34, 35)
+    assert.equal(200, (h:admin("POST", "/faults", { rate_limit = { status = 429, retry_after = 86400, every = 1 },
+      count = 1, match = "replaceDevice" })))
+    local paused = 0
+    local s = assert(batch.run(client(), plan, { journal = dir .. "/ra.journal", settle_ms = 10, concurrency = 1,
+      max_retry_after = 1, progress = function(p) paused = math.max(paused, p.paused or 0) end }))
+    h:admin("DELETE", "/faults")
+    assert.equal(2, s.done)
+    assert.is_true(paused > 0 and paused <= 1, "paused " .. paused)
+    assert.matches("asked to wait 86400 s", table.concat(s.warnings, " "), 1, true)
+  end)
+
   it("a replace reply with an empty secret is not done: not counted, not in the credentials, recovered on resume", function()
     local plan = plan_of(dir, "empty", 20, 22)
     local inner = require("enos.core").easy { timeout = 5 }
