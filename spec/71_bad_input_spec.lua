@@ -438,6 +438,14 @@ describe("bad input", function()
       { "csv", "non-UTF-8 in an extra column", "assetId,newDeviceKey,site\nA001,NEW-0001," .. NON_UTF8 .. "\n", 2, "site" },
       { "csv", "a 10 KB extra column", "assetId,newDeviceKey,site\nA001,NEW-0001," .. LONG .. "\n", 2, "site" },
       { "csv", "a BOM and then a bad row", BOM .. "assetId,newDeviceKey\nA001,ab\n", 2, "newDeviceKey" },
+      { "csv", "a repeated column (a spreadsheet export)", "productKey,deviceKey,newDeviceKey,deviceKey\n" ..
+        "pk_demo,OLD-0001,NEW-0001,OLD-0002\n", 1, "deviceKey appears twice" },
+      { "csv", "a known column in another case", "assetId,NewDeviceKey,newDeviceKey\nA001,x,NEW-0001\n", 1,
+        "did you mean newDeviceKey" },
+      { "csv", "an output's column name", "assetId,newDeviceKey,deviceSecret\nA001,NEW-0001,s3cret\n", 1,
+        "deviceSecret" },
+      { "csv", "a 100 KB line", "assetId,newDeviceKey,site\nA001,NEW-0001," .. string.rep(LONG, 10) .. "\n", 2,
+        "longer than 65536" },
       -- JSON Lines
       { "jsonl", "a number for assetId", '{"assetId":123,"newDeviceKey":"NEW-0001"}\n', 1, "assetId" },
       { "jsonl", "an empty assetId", '{"assetId":"","newDeviceKey":"NEW-0001"}\n', 1, "assetId" },
@@ -450,6 +458,15 @@ describe("bad input", function()
       { "jsonl", "an object in an extra field", '{"assetId":"A001","newDeviceKey":"NEW-0001","site":{"a":1}}\n', 1, "site" },
       { "jsonl", "an array line", '[1,2]\n', 1, "object" },
       { "jsonl", "+cmd as newDeviceKey", '{"assetId":"A001","newDeviceKey":"+cmd"}\n', 1, "newDeviceKey" },
+      { "jsonl", "a repeated key", '{"assetId":"A001","newDeviceKey":"NEW-0001","assetId":"A002"}\n', 1,
+        "assetId appears twice" },
+      { "jsonl", "NaN in an extra field", '{"assetId":"A001","newDeviceKey":"NEW-0001","w":NaN}\n', 1, "w is not a finite" },
+      { "jsonl", "Infinity in an extra field", '{"assetId":"A001","newDeviceKey":"NEW-0001","w":-Infinity}\n', 1,
+        "w is not a finite" },
+      { "jsonl", "1e999 in an extra field", '{"assetId":"A001","newDeviceKey":"NEW-0001","w":1e999}\n', 1,
+        "w is not a finite" },
+      { "jsonl", "an output's field name", '{"assetId":"A001","newDeviceKey":"NEW-0001","outcome":"done"}\n', 1,
+        "outcome" },
     }
     for i, case in ipairs(PLANS) do
       it(("%s plan with %s: an error at line %d naming %s, nothing sent"):format(case[1], case[2], case[4], case[5]), function()

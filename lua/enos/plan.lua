@@ -227,7 +227,8 @@ function M.Reader:rows()
     while true do
       local nl = buf:find("\n", pos, true)
       if nl then
-        local l = buf:sub(pos, nl - 1)
+        local l = nl - pos <= max_line and buf:sub(pos, nl - 1) or ""
+        too_long = nl - pos > max_line
         pos = nl + 1
         return l
       end
