@@ -201,3 +201,21 @@ for l in "${mem_lines[@]}"; do echo "$l"; done
 printf '| require "enos" (CPU time, Lua 5.4)             | %6s ms | |\n' "$require_ms"
 printf '| one client:replace_device on loopback, p50/p99 | %s / %s ms | (keep-alive, token cached) |\n' \
   "$replace_p50" "$replace_p99"
+
+# The plan check at fleet scale (issue: --check of 1,000,000 rows, <= 64 MB peak, >= 100,000 rows/s)
+CHECK_ROWS=${BENCH_CHECK_ROWS:-1000000}
+echo
+echo "plan check (batch --check) of $CHECK_ROWS rows, four columns (one carried through); peak RSS of the whole process"
+printf '| %-14s | %12s | %10s | %14s | %s |\n' "plan" "rows/s" "peak RSS" "seconds" "goal"
+printf '| %-14s | %12s | %10s | %14s | %s |\n' "--------------" "------------" "----------" "--------------" "----"
+for lua in lua5.4 luajit; do
+  for fmt in csv jsonl; do
+    p="$OUT/check-plan.$fmt"
+    [ -f "$p" ] && [ "$(wc -l < "$p")" -ge "$CHECK_ROWS" ] || lua5.4 bench/check_bench.lua write "$p" "$CHECK_ROWS" "$fmt"
+    read -r n errs secs rate hwm <<< "$($lua bench/check_bench.lua check "$p")"
+    [ "$errs" = 0 ] && [ "$n" = "$CHECK_ROWS" ] || { echo "check bench: $n rows, $errs errors"; exit 1; }
+    printf '| %-14s | %12s | %7.1f MB | %14s | %s |\n' "$fmt, $lua" "$rate" "$(echo "$hwm" | awk '{print $1/1024}')" \
+      "$secs" ">= 100,000 rows/s, <= 64 MB (Lua 5.4 counts)"
+  done
+done
+rm -f "$OUT"/check-plan.*

@@ -114,8 +114,47 @@ static int l_csv_row(lua_State *L) {
   return 1;
 }
 
+/* csv_split(line) -> {cell, …} for a plan line without quotes (split at every comma, cells as they are),
+ * or nil when the line holds a quote (the plan reader's RFC 4180 path takes it then). */
+static int l_csv_split(lua_State *L) {
+  size_t n, start = 0, i;
+  const char *s = luaL_checklstring(L, 1, &n);
+  int k = 0;
+  if (memchr(s, '"', n) != NULL) { lua_pushnil(L); return 1; }
+  lua_createtable(L, 8, 0);
+  for (i = 0; i <= n; i++) {
+    if (i == n || s[i] == ',') {
+      lua_pushlstring(L, s + start, i - start);
+      lua_rawseti(L, -2, ++k);
+      start = i + 1;
+    }
+  }
+  return 1;
+}
+
+/* json_key_count(text) -> how many JSON strings in text are followed (after blanks) by ':', i.e. the keys of
+ * every object in it, escapes honoured. The plan reader compares it with the keys lua-cjson decoded: more
+ * means a key was repeated (lua-cjson keeps one silently). */
+static int l_json_key_count(lua_State *L) {
+  size_t n, i = 0, j, keys = 0;
+  const char *s = luaL_checklstring(L, 1, &n);
+  while (i < n) {
+    if (s[i] != '"') { i++; continue; }
+    for (j = i + 1; j < n && s[j] != '"'; j++)
+      if (s[j] == '\\') j++;
+    if (j >= n) break;                                   /* unterminated: cjson has refused it already */
+    i = j + 1;
+    while (i < n && (s[i] == ' ' || s[i] == '\t' || s[i] == '\r' || s[i] == '\n')) i++;
+    if (i < n && s[i] == ':') keys++;
+  }
+  lua_pushinteger(L, (lua_Integer)keys);
+  return 1;
+}
+
 static const luaL_Reg csv_funcs[] = {
+  {"json_key_count", l_json_key_count},
   {"csv_row", l_csv_row},
+  {"csv_split", l_csv_split},
   {NULL, NULL}
 };
 

@@ -68,6 +68,7 @@ local function check_extra(name, v)
   if t == "boolean" then return nil end
   if t ~= "string" then return ("column %s must be a string, a number or a boolean"):format(name) end
   if #v > M.MAX_EXTRA then return ("column %s is longer than %d bytes"):format(name, M.MAX_EXTRA) end
+  if not v:find("[^ -~]") then return nil end      -- (printable ASCII: the common case)
   if v:find("[%z\1-\31\127]") then return ("column %s contains control characters"):format(name) end
   if not valid_utf8(v) then return ("column %s is not valid UTF-8"):format(name) end
   return nil
@@ -75,12 +76,10 @@ end
 
 -- Splits one CSV record (RFC 4180: quotes, doubled quotes). Returns fields |
 -- nil, message. `more` reads the next physical line for a quoted line break.
+local csv_split = core.csv_split
 local function split_csv(line, more)
-  if not line:find('"', 1, true) then       -- the common case: no quoting at all
-    local fields, k = {}, 0
-    for field in (line .. ","):gmatch("([^,]*),") do k = k + 1 fields[k] = field end
-    return fields
-  end
+  local plain = csv_split(line)              -- the common case, no quoting at all: split in C
+  if plain then return plain end
   local fields, i, n = {}, 1, #line
   while true do
     local c = line:sub(i, i)
@@ -132,8 +131,7 @@ end
 -- pairs than decoded keys, no key can repeat; else every key is decoded (escapes too: `asset\u0049d` is
 -- `assetId`) and compared.
 function M.repeated_key(line, n)
-  local _, colons = line:gsub('"%s*:', "")
-  if colons <= n then return nil end
+  if core.json_key_count(line) <= n then return nil end
   local seen, i = {}, 1
   while true do
     local a = line:find('"', i, true)
@@ -215,6 +213,7 @@ end
 -- (nil, {line = n, message = ...}) for a malformed row.
 function M.Reader:rows()
   local f, lineno, header = self.f, 0, nil
+  local good_names, ngood = {}, 0    -- JSONL field names already checked (a few distinct ones, on every line)
   -- Lines split here, not by f:read("*l"): LuaJIT's line reader stops at a NUL byte and
   -- silently drops the rest of the line (a NUL must reach the row check, which names the field).
   -- Linear in the plan's size whatever its lines: the buffer never holds more than a line's cap plus a chunk,
@@ -280,7 +279,8 @@ function M.Reader:rows()
           message = ("the line is longer than %d bytes"):format(max_line) }
       end
       if lineno == 1 then line = line:gsub("^\239\187\191", "") end      -- UTF-8 BOM
-      local lead = line:match("^%s*(.?)")          -- "" for a blank line, "#" for a comment
+      local b1 = line:byte(1)                       -- (a byte for the common case, a match for the rest)
+      local lead = b1 and b1 > 32 and b1 ~= 35 and "x" or line:match("^%s*(.?)")   -- "" blank, "#" comment
       if lead ~= "" and lead ~= "#" then
         if self.format == "jsonl" then
           local doc, jerr = json.decode(line)
@@ -292,7 +292,8 @@ function M.Reader:rows()
             n = n + 1
             if KNOWN[k] then fields[k] = v
             else
-              local bad = check_name(k) or check_extra(k, v)
+              local bad = not good_names[k] and check_name(k) or check_extra(k, v)
+              if not bad and ngood < 256 and not good_names[k] then good_names[k] = true ngood = ngood + 1 end
               if bad then return false, { line = start, message = bad } end
               -- (lua-cjson decodes 7 as 7.0 on Lua 5.4: carried as the integer the plan wrote)
               if tointeger and type(v) == "number" then v = tointeger(v) or v end
@@ -364,8 +365,10 @@ function M.check_row(fields)
       if type(v) ~= "string" then return nil, k .. " must be a string", k end
       if v == "" then return nil, k .. " must not be empty", k end
       if #v > 64 then return nil, k .. " is longer than 64 characters", k end
-      if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters", k end
-      if not valid_utf8(v) then return nil, k .. " is not valid UTF-8", k end
+      if v:find("[^ -~]") then               -- (the common case, printable ASCII, needs no more)
+        if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters", k end
+        if not valid_utf8(v) then return nil, k .. " is not valid UTF-8", k end
+      end
     end
   end
   if fields.assetId and (fields.productKey or fields.deviceKey) then
@@ -399,73 +402,121 @@ function M.target_key(t)
   return device_key(t.orgId, t.productKey, t.deviceKey)
 end
 
---- Checks a whole plan (streamed). Returns {rows = n, errors = {{line, message}…}}.
--- Duplicates: the same target twice, the same newDeviceKey twice, and a
--- newDeviceKey that is another row's current deviceKey (a chained rename).
+--- Checks a whole plan (streamed). Returns {rows = n, errors = {{line, message}…}, error_count = n,
+-- extra_columns = {…}, format = …} | nil, message.
+-- Duplicates: the same target twice, the same newDeviceKey twice, and a newDeviceKey that is another row's
+-- current deviceKey (a chained rename).
+-- Memory stays flat in the plan's size: the first pass keeps only 64-bit fingerprints of the keys (a C set,
+-- about 16 MB a million rows); a fingerprint seen twice may be a collision, so when there are any, a second
+-- pass re-reads the plan and keeps the exact keys of just those fingerprints, and only it reports duplicates.
 function M.check(path, format, max_errors)
   max_errors = max_errors or 100
   local reader, err = M.open(path, format)
   if not reader then return nil, err end
-  local out = { rows = 0, errors = {}, format = reader.format }
-  -- two sets for the whole plan (memory is what a 100,000-row plan costs): targets and new keys
-  local targets, newkeys = {}, {}
+  format = reader.format
+  local out = { rows = 0, errors = {}, format = format }
+  local errs, nerr = out.errors, 0
+  local function add(list, line, message)
+    if #list < max_errors then list[#list + 1] = { line = line, message = message } end
+  end
   -- JSONL rows' extra fields become output columns too (first seen first; a row's own sorted), bounded
   local extra_seen, extra_order = {}, {}
-  local function add(line, message)
-    if #out.errors < max_errors then out.errors[#out.errors + 1] = { line = line, message = message } end
-    out.error_count = (out.error_count or 0) + 1
-  end
+  local tset, nset, maybe = core.keyset(), core.keyset(), core.keyset()
+  local check_row, target_key, has_extra = M.check_row, M.target_key, format == "jsonl"
   for row, rerr in reader:rows() do
     if row == false then
-      add(rerr.line, rerr.message)
+      add(errs, rerr.line, rerr.message) nerr = nerr + 1
       if rerr.fatal then break end
     else
       out.rows = out.rows + 1
-      if reader.format == "jsonl" and next(row.extra) ~= nil then
+      if has_extra and next(row.extra) ~= nil then
         local names = {}
         for k in pairs(row.extra) do if not extra_seen[k] then names[#names + 1] = k end end
         table.sort(names)
         for _, k in ipairs(names) do
           if #extra_order >= M.MAX_EXTRA_COLUMNS then
-            add(row.line, ("more than %d distinct extra fields in the plan (%s)"):format(M.MAX_EXTRA_COLUMNS, excerpt(k)))
+            add(errs, row.line, ("more than %d distinct extra fields in the plan (%s)"):format(M.MAX_EXTRA_COLUMNS, excerpt(k)))
+            nerr = nerr + 1
             break
           end
           extra_seen[k] = true
           extra_order[#extra_order + 1] = k
         end
       end
-      local t, verr = M.check_row(row.fields)
+      local t, verr = check_row(row.fields)
       if not t then
-        add(row.line, verr)
+        add(errs, row.line, verr) nerr = nerr + 1
       else
-        local tk = M.target_key(t)
-        if targets[tk] then add(row.line, "the same device as line " .. targets[tk]) else targets[tk] = row.line end
-        local nk = t.newDeviceKey
-        if newkeys[nk] then add(row.line, "newDeviceKey " .. nk .. " is also the new key of line " .. newkeys[nk])
-        else newkeys[nk] = row.line end
-        if t.deviceKey then
-          if newkeys[t.deviceKey] and newkeys[t.deviceKey] ~= row.line then
-            add(row.line, "deviceKey " .. t.deviceKey .. " is the new key of line " .. newkeys[t.deviceKey]
-              .. " (chained renames are not supported in one batch)")
-          end
-        end
-        -- a new key that an earlier row's device has now (same product: keys are per product)
-        local earlier = t.productKey and targets[device_key(t.orgId, t.productKey, nk)]
-        if earlier and earlier ~= row.line then
-          add(row.line, "newDeviceKey " .. nk .. " is the current key of line " .. earlier
-            .. " (chained renames are not supported in one batch)")
+        local tk, nk, dk = target_key(t), t.newDeviceKey, t.deviceKey
+        if tset:add(tk) then maybe:add(tk) end
+        if nset:add(nk) then maybe:add("n:" .. nk) end
+        if dk and nset:has(dk) then maybe:add("n:" .. dk) end
+        if t.productKey then
+          local nd = device_key(t.orgId, t.productKey, nk)
+          if tset:has(nd) then maybe:add(nd) end
         end
       end
     end
   end
+  reader:close()
+  tset:free() nset:free()
   out.extra_columns = extra_order
   for _, name in ipairs(reader.header or {}) do
     if not KNOWN[name] then out.extra_columns[#out.extra_columns + 1] = name end
   end
-  reader:close()
-  if out.rows == 0 and #out.errors == 0 then add(0, "the plan has no rows") end
-  out.error_count = out.error_count or 0
+  if maybe:count() > 0 then
+    local dups, ndup = M._duplicates(path, format, maybe, max_errors)
+    if ndup > 0 then
+      nerr = nerr + ndup
+      local merged, i, j = {}, 1, 1        -- both lists are in line order
+      while #merged < max_errors and (errs[i] or dups[j]) do
+        if dups[j] and (not errs[i] or dups[j].line < errs[i].line) then merged[#merged + 1] = dups[j] j = j + 1
+        else merged[#merged + 1] = errs[i] i = i + 1 end
+      end
+      out.errors = merged
+    end
+  end
+  maybe:free()
+  if out.rows == 0 and nerr == 0 then add(out.errors, 0, "the plan has no rows") nerr = 1 end
+  out.error_count = nerr
   return out
+end
+
+-- The check's second pass: the exact duplicate search, keeping only the keys whose fingerprint is in `maybe`
+-- (a key outside it was seen once in the first pass, so no lookup of it can find an earlier row).
+-- Returns the errors (line order, at most max_errors) and their count.
+function M._duplicates(path, format, maybe, max_errors)
+  local reader = assert(M.open(path, format))
+  local targets, newkeys, errs, n = {}, {}, {}, 0
+  local function add(line, message)
+    n = n + 1
+    if #errs < max_errors then errs[#errs + 1] = { line = line, message = message } end
+  end
+  for row, rerr in reader:rows() do
+    local t = row and M.check_row(row.fields)
+    if t then
+      local line = row.line
+      local tk = M.target_key(t)
+      if targets[tk] then add(line, "the same device as line " .. targets[tk])
+      elseif maybe:has(tk) then targets[tk] = line end
+      local nk = t.newDeviceKey
+      if newkeys[nk] then add(line, "newDeviceKey " .. nk .. " is also the new key of line " .. newkeys[nk])
+      elseif maybe:has("n:" .. nk) then newkeys[nk] = line end
+      if t.deviceKey and newkeys[t.deviceKey] and newkeys[t.deviceKey] ~= line then
+        add(line, "deviceKey " .. t.deviceKey .. " is the new key of line " .. newkeys[t.deviceKey]
+          .. " (chained renames are not supported in one batch)")
+      end
+      -- a new key that an earlier row's device has now (same product: keys are per product)
+      local earlier = t.productKey and targets[device_key(t.orgId, t.productKey, nk)]
+      if earlier and earlier ~= line then
+        add(line, "newDeviceKey " .. nk .. " is the current key of line " .. earlier
+          .. " (chained renames are not supported in one batch)")
+      end
+    elseif not row and rerr.fatal then break
+    end
+  end
+  reader:close()
+  return errs, n
 end
 
 return M
