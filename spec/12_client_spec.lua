@@ -470,6 +470,23 @@ describe("prepare, request and the one-shot API", function()
       cjson.decode(stub:api_requests()[1].body))
   end)
 
+  it("search_devices sends requireSecret and a projection in the body, and checks them", function()
+    local stub = H.stub(function() return H.envelope({}, 0, "OK", { pagination = { pageNo = 1, pageSize = 10, totalSize = 0 } }) end)
+    local c = client(stub)
+    assert(c:search_devices { expression = "assetId in ('a','b')", requireSecret = true,
+      projection = { "assetId", "deviceKey" } })
+    assert.same({ expression = "assetId in ('a','b')", requireSecret = true, projection = { "assetId", "deviceKey" },
+      pagination = { pageNo = 1, pageSize = 100 } }, cjson.decode(stub:api_requests()[1].body))
+    for _, bad in ipairs { {}, { 1 }, { "a b" }, "assetId" } do
+      local r, err = c:search_devices { projection = bad }
+      assert.is_nil(r)
+      assert.equal("projection", err.field)
+    end
+    local r, err = c:search_devices { requireSecret = "yes" }
+    assert.is_nil(r)
+    assert.equal("requireSecret", err.field)
+  end)
+
   it("enos.replace_device takes client options and call parameters in one table", function()
     local stub = H.stub(replace_ok)
     local r = assert(enos.replace_device { endpoint = "https://gw.example.com", access_key = "ak", secret_key = "sk",

@@ -633,7 +633,8 @@ function CALLS.get_device(self, p)
   return { method = "GET", path = self:_path("devices"), query = query, plain_query = true }
 end
 
-local SEARCH_PARAMS = { expression = true, pageNo = true, pageSize = true, requireSecret = true, orgId = true }
+local SEARCH_PARAMS = { expression = true, pageNo = true, pageSize = true, requireSecret = true, orgId = true,
+  projection = true }
 function CALLS.search_devices(self, p)
   local ok, err = check_known(p, SEARCH_PARAMS, "search_devices")
   if not ok then return nil, err end
@@ -646,8 +647,25 @@ function CALLS.search_devices(self, p)
   if type(pageSize) ~= "number" or pageSize < 1 or pageSize > 200 or pageSize % 1 ~= 0 then
     return nil, errors.arg("pageSize", "pageSize must be an integer 1-200")
   end
-  local body = string.format('{%s"pagination":{"pageNo":%d,"pageSize":%d}}',
-    p.expression and ('"expression":' .. json.encode(p.expression) .. ",") or "", pageNo, pageSize)
+  ok, err = check_bool(p, "requireSecret")
+  if not ok then return nil, err end
+  local projection = ""
+  if p.projection ~= nil then
+    if type(p.projection) ~= "table" or #p.projection == 0 then
+      return nil, errors.arg("projection", "projection must be a non-empty list of field names")
+    end
+    local names = {}
+    for i, name in ipairs(p.projection) do
+      if type(name) ~= "string" or not name:match("^[%a_][%w_%.]*$") then
+        return nil, errors.arg("projection", "projection must be a list of field names")
+      end
+      names[i] = json.encode(name)
+    end
+    projection = '"projection":[' .. table.concat(names, ",") .. "],"
+  end
+  local body = string.format('{%s%s%s"pagination":{"pageNo":%d,"pageSize":%d}}',
+    p.expression and ('"expression":' .. json.encode(p.expression) .. ",") or "",
+    (p.requireSecret and self.api_version ~= "v2.1") and '"requireSecret":true,' or "", projection, pageNo, pageSize)
   return { method = "POST", path = self:_path("devices"), query = { action = "search", orgId = org }, body = body }
 end
 

@@ -4,6 +4,7 @@ local conf = require "enos_sim.conf"
 local store = require "enos_sim.store"
 local secret = require "enos_sim.secret"
 local search = require "enos_sim.search"
+local faults = require "enos_sim.faults"
 
 local M = {}
 
@@ -21,7 +22,7 @@ local function bad(msg) return { code = 99400, msg = E_ARGS .. ": " .. msg } end
 local function view(dev, secret_mode)
   local v = {}
   for k, x in pairs(dev) do v[k] = x end
-  v.deviceSecret = nil
+  v.deviceSecret, v._changed = nil, nil
   if secret_mode == "clear" then
     v.deviceSecret = dev.deviceSecret
   elseif type(secret_mode) == "table" then
@@ -155,25 +156,75 @@ local function paginate(list, pg)
   return page, { pageNo = no, pageSize = size, totalSize = #list }
 end
 
--- The reply for one page of `list`, each device shown under secret_mode.
-local function reply_page(list, pagination, mode)
+-- The reply for one page of `list`, each device shown under secret_mode (only the projection's fields, if any).
+local function reply_page(list, pagination, mode, projection)
   local page, pg = paginate(list, pagination)
   if not page then return fail(pg) end
-  for i, dev in ipairs(page) do page[i] = view(dev, mode) end
+  for i, dev in ipairs(page) do
+    local v = view(dev, mode)
+    if projection then
+      local p = {}
+      for _, f in ipairs(projection) do p[f] = v[f] end
+      if mode then p.deviceSecret, p.sessionKey = v.deviceSecret, v.sessionKey end
+      v = p
+    end
+    page[i] = v
+  end
   return util.ok(util.list(page), pg)
+end
+
+-- The devices a parsed expression can name by the store's indexes (assetId in …, or one productKey and
+-- deviceKey in …), or nil when it needs a scan.
+local function indexed(conds)
+  local by = {}
+  for _, c in ipairs(conds) do by[c.field] = c.values end
+  local list = {}
+  if by.assetId then
+    for aid in pairs(by.assetId) do list[#list + 1] = store.get(aid) end
+  elseif by.productKey and by.deviceKey and next(by.productKey, next(by.productKey)) == nil then
+    local pk = next(by.productKey)
+    for key in pairs(by.deviceKey) do
+      local id = store.find_key(pk, key)
+      list[#list + 1] = id and store.get(id) or nil
+    end
+  else
+    return nil
+  end
+  table.sort(list, function(a, b)
+    if a.createTime ~= b.createTime then return (a.createTime or 0) < (b.createTime or 0) end
+    return a.assetId < b.assetId
+  end)
+  return list
 end
 
 local function do_search(version, app, org, body)
   local mode, err = secret_mode(version, app, body.requireSecret)
   if err then return fail(err) end
   if body.expression ~= nil and type(body.expression) ~= "string" then return fail(bad("expression must be a string")) end
+  local f = faults.current() or {}
+  -- a gateway may refuse a long expression (the length is not documented): faults.search_max_expression
+  if f.search_max_expression and body.expression and #body.expression > f.search_max_expression then
+    return fail(bad("expression is too long"))
+  end
+  local projection = body.projection
+  if projection ~= nil then
+    if type(projection) ~= "table" then return fail(bad("projection must be a list of field names")) end
+    for _, name in ipairs(projection) do
+      if type(name) ~= "string" then return fail(bad("projection must be a list of field names")) end
+    end
+  end
   local conds, perr = search.parse(body.expression)
   if not conds then return fail(bad("expression: " .. perr)) end
+  -- a search index that lags writes (EnOS advises ~2 s): faults.search_lag_ms hides devices changed since
+  local lag = f.search_lag_ms
+  local hidden_after = lag and lag > 0 and util.now_ms() - lag
   local hits = {}
-  for _, dev in ipairs(store.all()) do
-    if dev.orgId == org and search.match(conds, dev) then hits[#hits + 1] = dev end
+  for _, dev in ipairs(indexed(conds) or store.all()) do
+    if dev.orgId == org and search.match(conds, dev) and not (hidden_after and (dev._changed or 0) > hidden_after) then
+      hits[#hits + 1] = dev
+    end
   end
-  return reply_page(hits, body.pagination, mode)
+  return reply_page(hits, body.pagination, mode, projection)
 end
 
 local function do_replace(version, app, org, args, body)
@@ -199,6 +250,7 @@ local function do_replace(version, app, org, args, body)
     d.deviceSecret = util.random_alnum(20)
     d.status = "inactive"
     d.activeTime = 0
+    d._changed = now
     store.put(d)
     ngx.shared.enos_misc:delete("blk:" .. d.productKey .. "/" .. new_key)
     return d

@@ -4,6 +4,8 @@
 --   latency_ms, rate_limit = {status=429, retry_after=s, every=n | share=0..1},
 --   error_share + error_status (500|503), drop_share, truncate_share, nonjson_share, ambiguous_share,
 --   match = "replaceDevice" | {"get","search"} | "token.get" | "login" …, count = n (only the next n matching requests)
+--   search_max_expression = n (Search Device refuses a longer expression with 99400),
+--   search_lag_ms = n (Search Device omits devices replaced in the last n ms: an index that lags writes)
 local util = require "enos_sim.util"
 local conf = require "enos_sim.conf"
 
@@ -28,7 +30,8 @@ end
 M.current = current
 
 local NUMERIC = { latency_ms = true, error_share = true, drop_share = true, truncate_share = true,
-  nonjson_share = true, ambiguous_share = true, count = true, error_status = true }
+  nonjson_share = true, ambiguous_share = true, count = true, error_status = true,
+  search_max_expression = true, search_lag_ms = true }
 
 --- Validate and store a fault set; returns the stored table or nil, err.
 function M.set(f)

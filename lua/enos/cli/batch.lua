@@ -3,6 +3,8 @@
 local batch = require "enos.batch"
 local core = require "enos.core"
 local out = require "enos.cli.output"
+local preflight = require "enos.preflight"
+local errors = require "enos.errors"
 
 local M = {}
 
@@ -10,10 +12,10 @@ local PROG_NAME = "enos-replace"
 
 M.EXIT_TEXT = [[
 Exit codes (batch):
-   0  every row is done (now or in an earlier run resumed here)
+   0  every row is done (now or in an earlier run resumed here); --dry-run: every row would pass
    2  usage, or the plan has errors (listed with their line numbers; nothing was sent)
    3  configuration or authentication
-   4  some rows failed for good (see the results file); the others are done
+   4  some rows failed for good (see the results file); the others are done; --dry-run: some rows would fail
    5  the batch stopped (network, files); run it again with --resume]]
 
 --- Adds the `batch` command to the parser.
@@ -32,6 +34,9 @@ function M.add_command(p, h)
     b:flag("--reverify", "With --resume: read every row the journal says is done back from the platform and "
       .. "trust only what it shows (for a plan that changed since the journal began, or a journal in doubt)."),
     b:flag("--check", "Only check the plan (every row, duplicates); send nothing."),
+    b:flag("--dry-run", "Check the plan, then look every row up on the platform in bulk (about two calls per "
+      .. "100 rows) and list the rows that would fail; change nothing."),
+    b:option("--read-batch", "Rows read in one bulk call by --dry-run (1-200, default 100)."):argname("<n>"),
     b:option("--max-retry-after", "The longest Retry-After (s) the batch honours when throttled (default 300)."):argname("<s>"),
     b:flag("--no-secret", "Do not request the new deviceSecrets."),
     b:flag("-y --yes", "Do not ask for confirmation."),
@@ -42,6 +47,9 @@ function M.add_command(p, h)
 Examples:
    # check a plan: every error with its line number; nothing is sent
    enos-replace batch plan.csv --check
+
+   # before the maintenance window: which rows would fail on the platform (read-only)
+   enos-replace batch plan.csv --dry-run
 
    # run it: 16 rows at a time, at most 50 requests/s, secrets to a 0600 file
    enos-replace batch plan.csv --concurrency 16 --qps 50 --out creds.csv --yes
@@ -70,6 +78,36 @@ local function fmt_eta(s)
 end
 
 local run_plan
+
+--- batch --dry-run: the bulk preflight over a checked plan; lists the rows that would fail. Exit 0 when every
+-- row would pass, 4 when some would not.
+function M.dry_run(c, args, h, plan_path, plan_name)
+  local EXIT = h.EXIT
+  if args.resume or args.reverify then h.say(c, "--dry-run changes nothing: it does not go with --resume") return EXIT.usage end
+  local window = args.read_batch and tonumber(args.read_batch)
+  if args.read_batch and (not window or window < 1 or window > 200 or window % 1 ~= 0) then
+    h.say(c, "--read-batch must be a whole number 1-200")
+    return EXIT.usage
+  end
+  local client, code = h.make_client(c, args)
+  if not client then return code end
+  local r, err = preflight.run(client, plan_path, { window = window, max_retry_after = args.max_retry_after })
+  client:close()
+  if not r then
+    return h.report_error(c, args, err, err.kind == "invalid_argument" and EXIT.usage or
+      ((err.kind == "config" or err.kind == "auth") and EXIT.config or EXIT.network))
+  end
+  for _, p in ipairs(r.problems) do c.err(("%s:%d: %s\n"):format(plan_name, p.line, errors.clean(p.message))) end
+  if r.problem_count > #r.problems then c.err(("… and %d more\n"):format(r.problem_count - #r.problems)) end
+  for _, n in ipairs(r.notes) do c.err(("%s:%d: note: %s\n"):format(plan_name, n.line, errors.clean(n.message))) end
+  c.err(("%d of %d row(s) would pass, %d would fail; %d call(s) to the platform, nothing was changed\n"):format(
+    r.ok, r.rows, r.rows - r.ok, r.calls))
+  if args.json then
+    c.out(out.json({ ok = r.ok == r.rows, rows = r.rows, pass = r.ok, problem_count = r.problem_count,
+      problems = r.problems, notes = r.notes, calls = r.calls }, true) .. "\n")
+  end
+  return r.ok == r.rows and EXIT.ok or EXIT.refused
+end
 
 --- Runs the batch command; returns the exit code.
 function M.run(c, args, h)
@@ -134,6 +172,7 @@ function run_plan(c, args, h, plan_path, plan_name)
     if args.json then c.out(out.json({ ok = true, rows = chk.rows }, true) .. "\n") end
     return EXIT.ok
   end
+  if args.dry_run then return M.dry_run(c, args, h, plan_path, plan_name) end
 
   -- output files, before anything is created or sent (batch.run would refuse them later, after the journal)
   do
