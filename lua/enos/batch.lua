@@ -10,6 +10,7 @@ local journal_mod = require "enos.journal"
 local scheduler = require "enos.scheduler"
 local secret = require "enos.secret"
 local workflow = require "enos.workflow"
+local bulk = require "enos.bulk"
 
 local M = {}
 
@@ -19,7 +20,7 @@ M.OPTIONS = {
   backoff_max_ms = "number", verify = "boolean", check_free = "boolean", max_attempts = "number", read_attempts = "number",
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
-  plan_format = "string", reverify = "boolean", max_retry_after = "number",
+  plan_format = "string", reverify = "boolean", max_retry_after = "number", read_batch = "number",
 }
 
 M.DEFAULTS = {
@@ -35,6 +36,7 @@ M.DEFAULTS = {
   progress_interval = 5,   -- seconds between plain progress lines (not a terminal)
   commit_ms = 3,           -- group commit: at most one journal fsync started per commit_ms
   max_retry_after = 300,   -- seconds: the longest Retry-After honoured (the pause is shown in progress)
+  read_batch = 100,        -- rows read in one Search Device (the preflight and the verification, in bulk)
 }
 
 -- ---------------------------------------------------------------- output files
@@ -294,6 +296,9 @@ function M.run(client, plan, opts)
   end
   if type(o.concurrency) ~= "number" or o.concurrency < 1 or o.concurrency > 1024 or o.concurrency % 1 ~= 0 then
     return nil, errors.arg("concurrency", "concurrency must be an integer 1-1024")
+  end
+  if type(o.read_batch) ~= "number" or o.read_batch < 1 or o.read_batch > 200 or o.read_batch % 1 ~= 0 then
+    return nil, errors.arg("read_batch", "read_batch must be an integer 1-200")
   end
   if o.qps ~= nil and (type(o.qps) ~= "number" or o.qps <= 0) then
     return nil, errors.arg("qps", "qps must be a positive number")
@@ -566,6 +571,13 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     steps = false,              -- the batch keeps its own records: no per-row step list
     prove_key = false,          -- proven once for the batch (M.prove_key), not on every row's preflight
   })
+  -- a row whose device the bulk read found (not a gateway) is verified in bulk too, after its replace
+  local wf_bulk = o.verify and assert(workflow.options {
+    sleep = function(sec) return sched:sleep(sec) end, require_secret = require_secret,
+    verify = false, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
+    read_attempts = o.read_attempts, backoff_ms = o.backoff_ms, backoff_max_ms = o.backoff_max_ms,
+    max_retry_after = o.max_retry_after, steps = false, prove_key = false,
+  }) or wf_opts
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
   -- its task ends now, so the slot goes to the next row instead of waiting on the disk.
   -- The queue, in journal order: the record's sequence number, and what to count (an outcome, or an error).
@@ -631,6 +643,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       function(a) sched:sleep(backoff_cap(a) / 1000) end)
   end
 
+  local to_verify
   local function run_row(row)
     local prev = journal.state.by_key[row.key]
     if prev and prev.state == "done" and reverify then
@@ -683,7 +696,9 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       end
     end
     sending(row, client.timeout)
-    local report, err = workflow.replace(client, row.target, wf_opts)
+    local dev = row.device
+    local in_bulk = dev and dev.productType ~= "Gateway" and o.verify
+    local report, err = workflow.replace(client, row.target, in_bulk and wf_bulk or wf_opts, dev and { device = dev })
     if not report and err and err.report and err.report.new then report = err.report end
     if report and report.new and (report.secret_missing or
         not workflow.secret_in_hand(client, require_secret, report.new)) then
@@ -697,7 +712,10 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
         newDeviceKey = report.new.deviceKey, encrypted = report.new.encrypted, error = err_fields(e) }, e)
       return
     end
-    if report and report.new then
+    if report and report.new and in_bulk and report.ok then
+      -- done once verified: with the next window of replaced rows, in one read (finish_verified)
+      to_verify(row, report)
+    elseif report and report.new then
       local new = report.new
       deliver(row, new, report.outcome)
       local warn = report.error
@@ -710,6 +728,77 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       result(row, unknown and "unknown" or "failed", row.assetId, err)
       finish_row(row, { state = unknown and "unknown" or "failed", assetId = row.assetId, error = err_fields(err) },
         err or false)
+    end
+  end
+
+  -- The verification in bulk. A replaced row waits here until settle_ms after its reply (EnOS: a write shows
+  -- in reads after ~2 s), then a window of them is read back in one Search Device and judged as the
+  -- workflow's verify step judges (workflow.check_replaced); a row the search disagrees with or misses is read
+  -- alone with Get Device before anything is concluded. The row is done then, with a warning if the read-back
+  -- still disagrees (the replace happened and the secret is in hand, as with the workflow's verify).
+  local vq, vfirst, vlast = {}, 1, 0
+  local workers_left = 0
+  function to_verify(row, report)
+    vlast = vlast + 1
+    vq[vlast] = { row = row, report = report, at = sched.now() }
+    sched:signal("verify")
+  end
+  local function finish_verified(row, report, problems, notes)
+    local new = report.new
+    local warn = workflow.verify_error(problems)
+    if warn then report.ok = false report.error = warn end
+    if #notes > 0 and not warn then report.notes = notes end
+    deliver(row, new, report.outcome)
+    result(row, report.outcome, new.assetId, warn)
+    finish_row(row, { state = "done", outcome = report.outcome, assetId = new.assetId, productKey = new.productKey,
+      newDeviceKey = new.deviceKey, encrypted = new.encrypted,
+      warning = warn and err_fields(warn) or nil }, report.outcome)
+  end
+  local settle = o.settle_ms or 2000
+  local function verifier()
+    while true do
+      if vfirst > vlast then
+        if workers_left == 0 then return end
+        sched:wait_signal("verify")
+      else
+        -- a window goes when read_batch rows have settled, when the oldest has waited twice the settle time,
+        -- or, once no row is left to replace, when the last one has settled (fewer, fuller reads)
+        local now, n, W = sched.now(), vlast - vfirst + 1, o.read_batch
+        local full_at = n >= W and vq[vfirst + W - 1].at + settle or math.huge
+        local last_at = workers_left == 0 and vq[vlast].at + settle or math.huge
+        local go_at = math.min(full_at, last_at, vq[vfirst].at + 2 * settle)
+        if go_at > now then sched:sleep(math.max(go_at - now, 1) / 1000) end
+        local batch
+        batch, now = {}, sched.now()
+        while vfirst <= vlast and #batch < o.read_batch and vq[vfirst].at + settle <= now do
+          batch[#batch + 1] = vq[vfirst]
+          vq[vfirst] = nil
+          vfirst = vfirst + 1
+        end
+        local targets = {}
+        for k, v in ipairs(batch) do targets[k] = { assetId = v.report.new.assetId, orgId = v.row.target.orgId } end
+        local res = bulk.read(client, targets, { window = o.read_batch, sleep = function(sec) sched:sleep(sec) end,
+          read_attempts = o.read_attempts, max_retry_after = o.max_retry_after })
+        for k, v in ipairs(batch) do
+          local want = { assetId = v.report.new.assetId, newDeviceKey = v.row.target.newDeviceKey,
+            productKey = v.report.old and v.report.old.productKey }
+          local problems, notes = {}, {}
+          local d = res[k] and res[k].device
+          if d then workflow.check_replaced(d, want, problems, notes)
+          else problems[1] = "cannot read the device back: " .. tostring(res[k] and res[k].err) end
+          if #problems > 0 and d then
+            -- the search may lag: one Get Device for this row before concluding
+            local one = bulk.read(client, { targets[k] }, { window = 1, read_attempts = o.read_attempts,
+              sleep = function(sec) sched:sleep(sec) end, max_retry_after = o.max_retry_after, search = false })
+            problems, notes = {}, {}
+            d = one[1] and one[1].device
+            if d then workflow.check_replaced(d, want, problems, notes)
+            else problems[1] = "cannot read the device back: " .. tostring(one[1] and one[1].err) end
+          end
+          if d then v.report.new.status = d.status end
+          finish_verified(v.row, v.report, problems, notes)
+        end
+      end
     end
   end
 
@@ -756,14 +845,62 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   t0 = sched.now()
   local rows, close_plan = plan_rows(plan, src.format or o.plan_format)
   local exhausted = false
-  local function next_row()
-    while not exhausted do
+  local function plan_row()
+    while true do
       local row = rows()
-      if row == nil then exhausted = true
-      elseif row then
+      if row == nil then return nil end
+      if row then
         local t = workflow.checked_target(assert(plan_mod.check_row(row.fields)))
         return { line = row.line, target = t, key = plan_mod.target_key(t), assetId = t.assetId, extra = row.extra }
       end
+    end
+  end
+  -- The reader: a window of plan rows at a time, the devices of the rows to replace read in one Search
+  -- Device (the preflight then checks what it found instead of reading each device); a queue of read rows
+  -- kept ahead of the workers. Rows the journal knows (a resume) are not read here: their own path reads them.
+  local ready, rfirst, rlast = {}, 1, 0
+  local ahead = math.max(o.concurrency, o.read_batch)
+  local function reader()
+    while not exhausted do
+      if rlast - rfirst + 1 >= ahead then sched:wait_signal("need_rows")
+      else
+        local win, fresh, targets, eof = {}, {}, {}, false
+        while #win < o.read_batch do
+          local row = plan_row()
+          if not row then eof = true break end
+          win[#win + 1] = row
+          if not journal.state.by_key[row.key] then
+            fresh[#fresh + 1] = row
+            targets[#targets + 1] = row.target
+          end
+        end
+        if #targets > 0 then
+          local res = bulk.read(client, targets, { window = o.read_batch, search_only = true,
+            sleep = function(sec) sched:sleep(sec) end, read_attempts = o.read_attempts,
+            max_retry_after = o.max_retry_after })
+          for k, row in ipairs(fresh) do
+            local d = res[k] and res[k].device
+            if d then row.device, row.assetId = d, d.assetId end
+          end
+        end
+        for _, row in ipairs(win) do rlast = rlast + 1 ready[rlast] = row end
+        exhausted = eof             -- (only now: a worker that finds the queue empty and the plan read ends)
+        sched:signal("rows")
+      end
+    end
+    sched:signal("rows")
+  end
+  local function next_row()
+    while true do
+      if rfirst <= rlast then
+        local row = ready[rfirst]
+        ready[rfirst] = nil
+        rfirst = rfirst + 1
+        sched:signal("need_rows")
+        return row
+      end
+      if exhausted then return nil end
+      sched:wait_signal("rows")
     end
   end
   local function worker()             -- (row_of: the row a task's requests belong to, for the transport)
@@ -773,10 +910,15 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       run_row(row)
     end
     row_of[co] = nil
+    workers_left = workers_left - 1
+    sched:signal("verify")
   end
   local last_progress = 0
   local ok, run_err = pcall(function()
+    sched:spawn(reader)
+    workers_left = o.concurrency
     for _ = 1, o.concurrency do sched:spawn(worker) end
+    sched:spawn(verifier)
     while sched:count() > 0 do
       sched:step(0.05)
       commit()

@@ -24,7 +24,9 @@ local function default_sleep(s)
 end
 
 --- Options: window, require_secret, projection (field names; nil: whole devices), read_attempts,
--- backoff_ms, max_retry_after, sleep(seconds), on_call(what) (counts: "search" | "get").
+-- backoff_ms, max_retry_after, sleep(seconds), on_call(what) (counts: "search" | "get"),
+-- search_only (no Get Device for the rows the search did not settle: their results are nil, for the caller to
+-- read its own way), search = false (Get Device only: a row whose search read disagreed).
 local function options(o)
   o = o or {}
   local window = o.window or M.WINDOW
@@ -35,6 +37,7 @@ local function options(o)
     window = window, require_secret = o.require_secret or nil, projection = o.projection,
     read_attempts = o.read_attempts or M.READ_ATTEMPTS, backoff_ms = o.backoff_ms or 200,
     max_retry_after = o.max_retry_after or 300, sleep = o.sleep or default_sleep, on_call = o.on_call,
+    search = o.search ~= false, search_only = o.search_only or nil,
   }
 end
 
@@ -114,7 +117,7 @@ end
 
 --- Reads the devices named by `targets` (each {assetId} or {productKey, deviceKey}, optional orgId).
 -- Returns results (results[i] = {device = d} or {err = e}, e.kind "not_found" when the platform has no such
--- device) and stats {searches, gets, halvings, calls}.
+-- device; nil with search_only for a row the search did not settle) and stats {searches, gets, halvings, calls}.
 function M.read(client, targets, opts)
   local o = options(opts)
   local stats = { searches = 0, gets = 0, halvings = 0, calls = 0 }
@@ -124,7 +127,9 @@ function M.read(client, targets, opts)
   local groups, order, alone = {}, {}, {}
   for i, t in ipairs(targets) do
     local gk, g
-    if t.assetId and safe(t.assetId) then
+    if not o.search then
+      gk = nil
+    elseif t.assetId and safe(t.assetId) then
       gk = (t.orgId or "") .. "\0a"
       g = { field = "assetId", orgId = t.orgId }
     elseif not t.assetId and safe(t.productKey) and safe(t.deviceKey) then
@@ -154,6 +159,7 @@ function M.read(client, targets, opts)
     end
   end
   for i, d in pairs(found) do results[i] = { device = d } end
+  if o.search_only then return results, stats end
   table.sort(alone)
   for _, i in ipairs(alone) do
     local t = targets[i]

@@ -502,7 +502,7 @@ end
 
 -- ---------------------------------------------------------------- steps
 
-local function preflight(ctx, client, target)
+local function preflight(ctx, client, target, known)
   local s = ctx:begin("preflight")
   local report, o = ctx.report, ctx.o
   if o.out then
@@ -516,10 +516,18 @@ local function preflight(ctx, client, target)
   end
   local ident = ident_of(target)
   -- The key is proven on the same read (no extra call): the device's current secret must decrypt.
-  local prove = o.prove_key and ctx.require_secret and client:has_private_key()
+  local prove = o.prove_key and ctx.require_secret and client:has_private_key() and not known
   if prove then ident.requireSecret = true end
-  local dev, err = ctx:read(client.get_device, client, ident)
-  ctx.reads = { prove and "Get Device (with requireSecret, to prove the private key)" or "Get Device" }
+  local dev, err
+  if known then
+    -- read by the caller for this target (the batch reads a window of devices in one Search Device): the
+    -- same checks below, no second read
+    dev = known
+    ctx.reads = { "Search Device (the batch's bulk read)" }
+  else
+    dev, err = ctx:read(client.get_device, client, ident)
+    ctx.reads = { prove and "Get Device (with requireSecret, to prove the private key)" or "Get Device" }
+  end
   if not dev then
     if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
       err.message = "device not found (" .. describe_target(target) .. "): " .. tostring(err.message)
@@ -782,6 +790,33 @@ local function fetch_secret(ctx, client, target)
   return nil, e
 end
 
+--- The verification of a replaced device as read back: `want` {assetId, newDeviceKey, productKey (nil: any)}.
+-- Appends what is wrong to `problems` and what is worth saying to `notes` (both lists). The workflow's verify
+-- step and the batch's verification in bulk both judge with this.
+function M.check_replaced(dev, want, problems, notes)
+  if dev.deviceKey ~= want.newDeviceKey then
+    problems[#problems + 1] = "device shows key " .. tostring(dev.deviceKey) .. ", not " .. want.newDeviceKey
+  end
+  if dev.assetId ~= want.assetId then
+    problems[#problems + 1] = "assetId changed to " .. tostring(dev.assetId)
+  end
+  if want.productKey and dev.productKey ~= want.productKey then
+    problems[#problems + 1] = "productKey changed to " .. tostring(dev.productKey)
+  end
+  if dev.status == "online" or dev.status == "offline" then
+    notes[#notes + 1] = "status " .. dev.status .. " (new hardware already connected)"
+  elseif dev.status ~= "inactive" then
+    problems[#problems + 1] = "status is " .. tostring(dev.status) .. ", expected inactive"
+  end
+end
+
+--- The error the verification gives for `problems` (nil when there are none).
+function M.verify_error(problems)
+  if #problems == 0 then return nil end
+  return errors.new("protocol", "verification failed: " .. table.concat(problems, "; "),
+    { step = "verify", verify_failed = true })
+end
+
 local function verify(ctx, client, target)
   local s = ctx:begin("verify")
   local report = ctx.report
@@ -797,20 +832,8 @@ local function verify(ctx, client, target)
     problems[#problems + 1] = "cannot read the device back: " .. tostring(err)
   else
     report.new.status = dev.status
-    if dev.deviceKey ~= target.newDeviceKey then
-      problems[#problems + 1] = "device shows key " .. tostring(dev.deviceKey) .. ", not " .. target.newDeviceKey
-    end
-    if dev.assetId ~= ctx.asset.assetId then
-      problems[#problems + 1] = "assetId changed to " .. tostring(dev.assetId)
-    end
-    if report.old and dev.productKey ~= report.old.productKey then
-      problems[#problems + 1] = "productKey changed to " .. tostring(dev.productKey)
-    end
-    if dev.status == "online" or dev.status == "offline" then
-      notes[#notes + 1] = "status " .. dev.status .. " (new hardware already connected)"
-    elseif dev.status ~= "inactive" then
-      problems[#problems + 1] = "status is " .. tostring(dev.status) .. ", expected inactive"
-    end
+    M.check_replaced(dev, { assetId = ctx.asset.assetId, newDeviceKey = target.newDeviceKey,
+      productKey = report.old and report.old.productKey }, problems, notes)
   end
   if ctx.subs_before then
     local sub_problem = M._check_subs(ctx, client, target)
@@ -819,9 +842,8 @@ local function verify(ctx, client, target)
     if sd.reattached > 0 then notes[#notes + 1] = sd.reattached .. " sub-device(s) re-attached" end
   end
   if #problems > 0 then
-    local msg = table.concat(problems, "; ")
-    ctx:finish(s, "failed", msg)
-    return nil, errors.new("protocol", "verification failed: " .. msg, { step = "verify", verify_failed = true })
+    ctx:finish(s, "failed", table.concat(problems, "; "))
+    return nil, M.verify_error(problems)
   end
   if #notes > 0 then ctx:finish(s, "ok", table.concat(notes, "; "))
   else ctx:finish(s, "ok", "key %s, assetId %s, status %s", target.newDeviceKey, ctx.asset.assetId, tostring(dev.status)) end
@@ -953,9 +975,11 @@ end
 -- @param opts see M.DEFAULTS, and: require_secret (default: when the client can decrypt, or V2.1),
 --   dry_run, out, format, overwrite, wait_active (s), sleep(s), clock() (ms), confirm(plan, report) -> bool,
 --   on_step(step, report), record (extra record fields)
+-- @param known optional {device = the device as the caller read it for this target (a bulk read)}: the
+--   preflight checks it instead of reading the device again
 -- @return report | nil, err (err.report is the report so far). A report is returned whenever the replace
 --   happened, even when verification or delivery failed (then report.ok is false and report.error says why).
-function M.replace(client, target, opts)
+function M.replace(client, target, opts, known)
   if type(client) ~= "table" then error("enos.workflow.replace: client expected", 2) end
   if type(target) ~= "table" then error("enos.workflow.replace: target table expected", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("enos.workflow.replace: opts must be a table", 2) end
@@ -986,7 +1010,7 @@ function M.replace(client, target, opts)
   end
 
   local dev
-  dev, err = preflight(ctx, client, t)
+  dev, err = preflight(ctx, client, t, known and known.device)
   if not dev then return ctx:fail(err, "preflight", "refused") end
 
   if o.dry_run then
