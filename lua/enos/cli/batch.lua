@@ -36,7 +36,8 @@ function M.add_command(p, h)
     b:flag("--check", "Only check the plan (every row, duplicates); send nothing."),
     b:flag("--dry-run", "Check the plan, then look every row up on the platform in bulk (about two calls per "
       .. "100 rows) and list the rows that would fail; change nothing."),
-    b:option("--read-batch", "Rows read in one bulk call by --dry-run (1-200, default 100)."):argname("<n>"),
+    b:option("--read-batch", "Rows read in one bulk call (Search Device) by the preflight, the verification and "
+      .. "--dry-run (1-200, default 100)."):argname("<n>"),
     b:option("--max-retry-after", "The longest Retry-After (s) the batch honours when throttled (default 300)."):argname("<s>"),
     b:flag("--no-secret", "Do not request the new deviceSecrets."),
     b:flag("-y --yes", "Do not ask for confirmation."),
@@ -84,11 +85,7 @@ local run_plan
 function M.dry_run(c, args, h, plan_path, plan_name)
   local EXIT = h.EXIT
   if args.resume or args.reverify then h.say(c, "--dry-run changes nothing: it does not go with --resume") return EXIT.usage end
-  local window = args.read_batch and tonumber(args.read_batch)
-  if args.read_batch and (not window or window < 1 or window > 200 or window % 1 ~= 0) then
-    h.say(c, "--read-batch must be a whole number 1-200")
-    return EXIT.usage
-  end
+  local window = args.read_batch           -- (checked by run_plan)
   local client, code = h.make_client(c, args)
   if not client then return code end
   local r, err = preflight.run(client, plan_path, { window = window, max_retry_after = args.max_retry_after })
@@ -145,11 +142,12 @@ end
 -- The command on a plan file at plan_path (named plan_name in messages).
 function run_plan(c, args, h, plan_path, plan_name)
   local EXIT = h.EXIT
-  for _, name in ipairs { "concurrency", "qps", "max_retry_after" } do
+  local whole = { concurrency = 1024, read_batch = 200 }
+  for _, name in ipairs { "concurrency", "qps", "max_retry_after", "read_batch" } do
     if args[name] ~= nil then
-      local n = tonumber(args[name])
-      if not n or n <= 0 or n ~= n or n == math.huge or (name == "concurrency" and (n % 1 ~= 0 or n > 1024)) then
-        h.say(c, "--%s must be a %s", name:gsub("_", "-"), name == "concurrency" and "whole number 1-1024" or "positive number")
+      local n, max = tonumber(args[name]), whole[name]
+      if not n or n <= 0 or n ~= n or n == math.huge or (max and (n % 1 ~= 0 or n > max)) then
+        h.say(c, "--%s must be a %s", name:gsub("_", "-"), max and ("whole number 1-" .. max) or "positive number")
         return EXIT.usage
       end
       args[name] = n
@@ -257,6 +255,7 @@ function run_plan(c, args, h, plan_path, plan_name)
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
+    read_batch = args.read_batch,
   })
   client:close()
   if not s and tostring(err.message):find("interrupted!", 1, true) then
