@@ -26,11 +26,13 @@ if mode == "check" then
   s.done, s.failed = s.rows, s.error_count
 else
   s, err = batch.run(c, plan, { concurrency = conc, journal = dir .. "/journal", out = dir .. "/creds.csv",
-    require_secret = keyfile ~= "-" })
+    require_secret = keyfile ~= "-", qps = tonumber(os.getenv("BENCH_QPS") or ""),
+    settle_ms = tonumber(os.getenv("BENCH_SETTLE_MS") or "") })
 end
 local elapsed = (core.monotonic_ms() - t0) / 1000
 local cpu = os.clock() - cpu0
 if not s then io.stderr:write(tostring(err), "\n") os.exit(1) end
 print(cjson.encode { rows = rows, done = s.done, failed = s.failed, elapsed_s = elapsed, cpu_s = cpu,
-  rate = s.done / elapsed, maxrss_kb = vmhwm(), fsyncs = s.fsyncs })
+  rate = s.done / elapsed, maxrss_kb = vmhwm(), fsyncs = s.fsyncs, requests = s.requests,
+  replacing_s = s.replacing })
 os.execute("rm -rf " .. dir)

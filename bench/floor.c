@@ -1,5 +1,5 @@
-/* The floor: the same signed calls as an enos batch row (get, replaceDevice,
- * get), written directly against libcurl multi and OpenSSL, N rows in flight.
+/* The floor: the same signed calls as an enos batch row used to make (get, replaceDevice, get; or, with
+ * FLOOR_ONE_CALL=1, one replaceDevice per device by productKey + deviceKey, what the batch now costs), written directly against libcurl multi and OpenSSL, N rows in flight.
  * usage: floor URL ACCESS_KEY SECRET_KEY ORG ROWS CONCURRENCY FIRST [perform|socket [SPIN_US]]
  * The loop: "perform" (default) is libcurl's plain multi loop, curl_multi_perform + curl_multi_poll;
  * "socket" is its event-driven API, curl_multi_socket_action over epoll (what enos.core.multi does).
@@ -24,6 +24,7 @@ typedef struct {
 
 static const char *URL, *AK, *SK, *ORG;
 static char TOKEN[256];
+static int ONE_CALL;          /* FLOOR_ONE_CALL=1: one replaceDevice per device */
 
 static size_t on_data(char *p, size_t s, size_t n, void *u) {
   buf *b = u; size_t len = s * n;
@@ -119,7 +120,13 @@ static void prepare(slot *s) {
   snprintf(old, sizeof old, "OLD-%07d", s->row);
   snprintf(new_, sizeof new_, "NEW-%07d", s->row);
   const char *action = s->stage == 1 ? "replaceDevice" : "get";
-  if (s->stage == 0) {
+  if (ONE_CALL) {
+    /* one replace per device, by productKey + deviceKey (the compare-and-swap form enos sends) */
+    snprintf(body, sizeof body, "{\"newDeviceKey\":\"%s\"}", new_);
+    snprintf(q, sizeof q, "action=replaceDevice&orgId=%s&productKey=pk_demo&deviceKey=%s", ORG, old);
+    snprintf(sig_in, sizeof sig_in, "%sactionreplaceDevice" "deviceKey%sorgId%sproductKeypk_demo%s%lld%s", TOKEN, old,
+      ORG, body, ts, SK);
+  } else if (s->stage == 0) {
     snprintf(q, sizeof q, "action=get&orgId=%s&productKey=pk_demo&deviceKey=%s", ORG, old);
     snprintf(sig_in, sizeof sig_in, "%sactionget" "deviceKey%sorgId%sproductKeypk_demo%lld%s", TOKEN, old, ORG, ts, SK);
   } else {
@@ -151,6 +158,7 @@ static void prepare(slot *s) {
 int main(int argc, char **argv) {
   if (argc < 8) { fprintf(stderr, "usage: floor URL AK SK ORG ROWS CONCURRENCY FIRST\n"); return 2; }
   URL = argv[1]; AK = argv[2]; SK = argv[3]; ORG = argv[4];
+  ONE_CALL = getenv("FLOOR_ONE_CALL") != NULL && strcmp(getenv("FLOOR_ONE_CALL"), "1") == 0;
   int rows = atoi(argv[5]), conc = atoi(argv[6]), first = atoi(argv[7]);
   int socket_loop = argc > 8 && strcmp(argv[8], "socket") == 0;
   long spin_us = argc > 9 ? atol(argv[9]) : 0;
@@ -175,7 +183,7 @@ int main(int argc, char **argv) {
     curl_easy_setopt(s->h, CURLOPT_WRITEDATA, &s->body);
     curl_easy_setopt(s->h, CURLOPT_PRIVATE, s);
     curl_easy_setopt(s->h, CURLOPT_NOSIGNAL, 1L);
-    s->row = next++; s->stage = 0;
+    s->row = next++; s->stage = ONE_CALL ? 1 : 0;
     prepare(s);
     curl_multi_add_handle(m, s->h); active++;
   }
@@ -206,11 +214,11 @@ int main(int argc, char **argv) {
         char *a = strstr(s->body.p, "\"assetId\":\"");
         if (a) { a += 11; char *e = strchr(a, '"'); snprintf(s->asset, sizeof s->asset, "%.*s", (int)(e - a), a); }
       }
-      if (good && s->stage < 2) { s->stage++; }
+      if (good && s->stage < 2 && !ONE_CALL) { s->stage++; }
       else {
         if (good) ok++;
         if (next >= last) continue;
-        s->row = next++; s->stage = 0;
+        s->row = next++; s->stage = ONE_CALL ? 1 : 0;
       }
       prepare(s);
       curl_multi_add_handle(m, s->h); active++;

@@ -18,7 +18,10 @@ openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$OUT/app.pem"
 openssl pkey -in "$OUT/app.pem" -pubout -out "$OUT/app.pub"
 
 sum_mem=0; for m in $MEM_ROWS; do sum_mem=$((sum_mem + m)); done
-TOTAL=$((ROWS * 6 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
+QPS_SECS=${BENCH_QPS_SECS:-8}     # seconds of work at each --qps cap
+ONE_REPEAT=${BENCH_ONE_REPEAT:-3} # rounds of the one-call comparisons (loopback, 20 ms a call)
+NEW_ROWS=$((ROWS * 2 + 250 * QPS_SECS + ROWS * 4 * ONE_REPEAT))
+TOTAL=$((ROWS * 6 * REPEAT + CURL_ROWS + sum_mem + 110 + NEW_ROWS))     # every run replaces its own range
 lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))
@@ -47,13 +50,14 @@ check_all() {
 
 # Each round runs every kind once, back to back: the machine's speed drifts (a VM), so each kind is compared
 # with the floor of its own round, and the medians over the rounds are reported. Runs: $OUT/runs.<kind>.jsonl
-echo "bench: throughput at concurrency $CONC, $ROWS rows each (get + replaceDevice + get per row), $REPEAT rounds"
+echo "bench: throughput at concurrency $CONC, $ROWS rows each, $REPEAT rounds (the C floors: one replaceDevice per device;"
+echo "       the Lua floor: get + replaceDevice + get per row, the calls the batch made before its bulk reads)"
 for k in floor sfloor luafloor enos jit secret; do : > "$OUT/runs.$k.jsonl"; done
 for _ in $(seq "$REPEAT"); do
-  r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
+  r=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor: rows failed')" <<< "$r"
   echo "$r" >> "$OUT/runs.floor.jsonl"
-  r=$("$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
+  r=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
   lua5.4 -e "assert(require('cjson').decode(io.read('a')).ok == $ROWS, 'floor (socket): rows failed')" <<< "$r"
   echo "$r" >> "$OUT/runs.sfloor.jsonl"
   r=$(lua5.4 bench/lua_floor.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next"); next=$((next + ROWS))
@@ -153,11 +157,14 @@ local function median(t)
   local n = #t
   return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2
 end
-local function rate(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = rows / r.elapsed_s end return median(t) end
+-- (an enos run's time is its replace phase: the verification's settle time after the last replace, 2 s, is
+-- reported end-to-end in the goals table below)
+local function secs(r) return r.replacing_s or r.elapsed_s end
+local function rate(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = rows / secs(r) end return median(t) end
 local function cpu(k) local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s * 1000 / rows end return median(t) end
 -- each round's run of kind k against that round's floor
 local function rate_ratio(k, f)
-  local t = {} for i, r in ipairs(runs[k]) do t[i] = runs[f or "floor"][i].elapsed_s / r.elapsed_s end return median(t)
+  local t = {} for i, r in ipairs(runs[k]) do t[i] = runs[f or "floor"][i].elapsed_s / secs(r) end return median(t)
 end
 local function cpu_ratio(k, f)
   local t = {} for i, r in ipairs(runs[k]) do t[i] = r.cpu_s / runs[f or "floor"][i].cpu_s end return median(t)
@@ -195,12 +202,81 @@ row("throughput with requireSecret (rows/s)", ("%.0f"):format(sr), "",
 row("client CPU per row with requireSecret (ms)", ("%.3f"):format(sc), "",
   ("+%.3f ms/row for the secret (both threads)"):format(sc - ec))
 row("curl per replace from a shell loop (rows/s)", ("%.0f"):format(er), ("%.1f"):format(loop),
-  ("enos is %.0fx faster (and does 3 calls a row)"):format(er / loop))
+  ("enos is %.0fx faster"):format(er / loop))
 LUA
 for l in "${mem_lines[@]}"; do echo "$l"; done
 printf '| require "enos" (CPU time, Lua 5.4)             | %6s ms | |\n' "$require_ms"
 printf '| one client:replace_device on loopback, p50/p99 | %s / %s ms | (keep-alive, token cached) |\n' \
   "$replace_p50" "$replace_p99"
+
+# Gateway calls per device and the throughput that follows (one replace per device: the goals of the second
+# fleet design). The floor here is the C client on libcurl's socket API sending one replaceDevice per device.
+ADMIN=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).admin_url)')
+CA=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).ca_file or "")')
+faults() { curl -s ${CA:+--cacert "$CA"} -X "$1" -H 'Content-Type: application/json' ${2:+-d "$2"} "$ADMIN/faults" >/dev/null; }
+echo
+echo "bench: gateway calls per device, devices/s at --qps caps, and one-call floors (loopback and 20 ms a call)"
+calls=()
+for rs in 0 1; do
+  key=$([ $rs = 1 ] && echo "$OUT/app.pem" || echo -)
+  r=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" "$key"); next=$((next + ROWS))
+  check_all "$r"
+  calls+=("$(echo "$r" | lua5.4 -e 'local t=require("cjson").decode(io.read("a")) print(string.format("%.3f", t.requests / t.done))')")
+done
+qline=()
+for q in 50 200; do
+  n=$((q * QPS_SECS))
+  r=$(BENCH_QPS=$q lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$n" "$CONC" "$next" -); next=$((next + n))
+  check_all "$r"
+  qline+=("$(echo "$r" | lua5.4 -e 'local t=require("cjson").decode(io.read("a"))
+    print(string.format("%.1f %.1f", t.done / t.elapsed_s, t.done / t.replacing_s))')")
+done
+one_runs() {   # label -> lines "floor_rate floor_cpu enos_rate enos_cpu enos_replacing_rate" per round
+  for _ in $(seq "$ONE_REPEAT"); do
+    f=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
+    e=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
+    check_all "$e"
+    lua5.4 -e 'local cj=require("cjson") local f, e = cj.decode(arg[1]), cj.decode(arg[2])
+      assert(f.ok == f.rows, "floor: rows failed")
+      print(f.rows / f.elapsed_s, f.cpu_s * 1000 / f.rows, e.done / e.elapsed_s, e.cpu_s * 1000 / e.done,
+        e.done / e.replacing_s)' "$f" "$e"
+  done
+}
+loop_one=$(one_runs)
+faults POST '{"latency_ms":20}'
+lat_one=$(one_runs)
+faults DELETE
+lua5.4 - "$ROWS" "$CONC" "$ONE_REPEAT" "${calls[0]}" "${calls[1]}" "${qline[0]}" "${qline[1]}" "$loop_one" "$lat_one" <<'LUA'
+local rows, conc, rounds = arg[1], arg[2], arg[3]
+local function med(t) table.sort(t) local n = #t return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2 end
+local function cols(text)
+  local c = { {}, {}, {}, {}, {} }
+  for l in text:gmatch("[^
+]+") do local i = 0 for v in l:gmatch("%S+") do i = i + 1 c[i][#c[i] + 1] = tonumber(v) end end
+  return c
+end
+local lo, la = cols(arg[8]), cols(arg[9])
+local function ratio(c, a, b) local t = {} for i = 1, #c[a] do t[i] = c[a][i] / c[b][i] end return med(t) end
+local q50 = { arg[6]:match("(%S+) (%S+)") }
+local q200 = { arg[7]:match("(%S+) (%S+)") }
+local function row(a, b, c, d) print(string.format("| %-52s | %-26s | %-12s | %s |", a, b, c, d)) end
+print()
+print(("The second fleet design's goals: %s rows, concurrency %s, medians of %s rounds where it says so; the end-to-end"
+  .. " figures include the verification's settle time (2 s) after the last replace, the 'replacing' ones stop at"
+  .. " the last replace"):format(rows, conc, rounds))
+row("measure", "enos", "goal", "note")
+row(string.rep("-", 52), string.rep("-", 26), "------------", "----")
+row("gateway calls per replaced device, requireSecret off", arg[4], "<= 1.05", "was 3.0 (get, replace, get)")
+row("gateway calls per replaced device, requireSecret on", arg[5], "<= 1.05", "every request the batch sent, token included")
+row("devices/s at --qps 50 (end-to-end / replacing)", q50[1] .. " / " .. q50[2], ">= 45", ("%.2fx / %.2fx the cap"):format(q50[1] / 50, q50[2] / 50))
+row("devices/s at --qps 200 (end-to-end / replacing)", q200[1] .. " / " .. q200[2], ">= 180", ("%.2fx / %.2fx the cap"):format(q200[1] / 200, q200[2] / 200))
+row("20 ms a call: devices/s vs the one-call floor", ("%.0f vs %.0f"):format(med(la[3]), med(la[1])), ">= 0.85x",
+  ("%.2fx end-to-end, %.2fx replacing"):format(ratio(la, 3, 1), ratio(la, 5, 1)))
+row("loopback: devices/s vs the one-call floor", ("%.0f vs %.0f"):format(med(lo[3]), med(lo[1])), ">= 0.7x",
+  ("%.2fx end-to-end, %.2fx replacing"):format(ratio(lo, 3, 1), ratio(lo, 5, 1)))
+row("loopback: client CPU per device vs the floor (ms)", ("%.3f vs %.3f"):format(med(lo[4]), med(lo[2])), "<= 2x",
+  ("%.2fx"):format(ratio(lo, 4, 2)))
+LUA
 
 # The plan check at fleet scale (issue: --check of 1,000,000 rows, <= 64 MB peak, >= 100,000 rows/s)
 CHECK_ROWS=${BENCH_CHECK_ROWS:-1000000}

@@ -5,6 +5,7 @@
 -- secret (the row is not done until a resume has the secret in hand).
 local enos = require "enos"
 local batch = require "enos.batch"
+local workflow = require "enos.workflow"
 local cjson = require "cjson"
 local H = require "helpers"
 local sim = dofile("spec/sim_helper.lua")
@@ -115,6 +116,67 @@ describe("batch integrity against the simulator", function()
     local res = H.readfile(dir .. "/cas.results.csv")
     assert.matches("A0000017,NEW%-00017,A0000017,failed,conflict,[^\n]*RIVAL%-00017", res)
     assert.falsy(H.readfile(dir .. "/cas.creds.csv"):find("A0000017", 1, true), "credentials for a device we did not replace")
+  end)
+
+  -- The key the preflight read moves to ANOTHER asset before the replace (the row's device renamed away, another
+  -- device given its key): the compare-and-swap by productKey + deviceKey then replaces that other asset.
+  -- It must be said loudly (never "nothing was changed"), never counted done, and its new secret kept.
+  local function swap_keys(rival, a, tmp, b, key)
+    assert(rival:replace_device { assetId = a, newDeviceKey = tmp })
+    assert(rival:replace_device { assetId = b, newDeviceKey = key })
+  end
+
+  it("workflow: the replace landing on another asset is WRONG DEVICE, that asset's credentials kept", function()
+    local rival = client()
+    local out = dir .. "/wrong.json"
+    local report, err = workflow.replace(client(), { productKey = "pk_demo", deviceKey = "OLD-00026",
+      newDeviceKey = "NEW-00026" }, { out = out, settle_ms = 10, sleep = function() end,
+      before_replace = function() swap_keys(rival, "A0000026", "TMP-00026", "A0000027", "OLD-00026") end })
+    assert.is_nil(report)
+    assert.equal("conflict", err.kind)
+    assert.equal("A0000027", err.wrong_device)
+    assert.truthy(err.message:find("WRONG DEVICE", 1, true))
+    assert.equal("wrong_device", err.report.outcome)
+    assert.equal("NEW-00026", h:device("A0000027").deviceKey)       -- what the platform did
+    assert.equal("TMP-00026", h:device("A0000026").deviceKey)
+    local rec = cjson.decode(H.readfile(out))
+    assert.equal("A0000027", rec.assetId)
+    assert.equal("wrong_device", rec.outcome)
+    assert.equal(h:device("A0000027").deviceSecret, rec.deviceSecret)
+    assert.equal(5, require("enos.cli").exit_code(err))
+  end)
+
+  it("batch: a row whose replace lands on another asset is not done; that asset's secret is in the credentials", function()
+    local plan = dir .. "/wrong.csv"
+    H.writefile(plan, "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00023,NEW-00023\npk_demo,OLD-00025,NEW-00025\n")
+    local inner = require("enos.core").easy { timeout = 5 }
+    local rival = client()
+    local raced = false
+    local t = { send = function(_, req)
+      if not raced and req.call == "replace_device" and req.url:find("OLD-00023", 1, true) then
+        raced = true
+        swap_keys(rival, "A0000023", "TMP-00023", "A0000024", "OLD-00023")
+      end
+      return inner:send(req)
+    end }
+    local s = assert(batch.run(client { transport = t }, plan, { journal = dir .. "/wrong.journal",
+      out = dir .. "/wrong.creds.csv", settle_ms = 10, concurrency = 1 }))
+    assert.is_true(raced)
+    assert.equal(1, s.done)
+    assert.equal(1, s.failed)
+    local res = H.readfile(dir .. "/wrong.results.csv")
+    assert.matches("pk_demo/OLD%-00023,NEW%-00023,A0000024,wrong_device,conflict,[^\n]*WRONG DEVICE", res)
+    local creds = H.readfile(dir .. "/wrong.creds.csv")
+    assert.truthy(creds:find("A0000024,pk_demo,NEW-00023," .. h:device("A0000024").deviceSecret .. ",,,wrong_device",
+      1, true), creds)
+    local failed
+    for line in io.lines(dir .. "/wrong.journal") do
+      local r = cjson.decode(line)
+      if r.state == "failed" then failed = r end
+    end
+    assert.equal("A0000024", failed.wrong_device)
+    assert.equal("A0000023", failed.assetId)
+    assert.is_string(failed.encrypted.deviceSecret)
   end)
 
   -- The CLI, in process, with a transport that rewrites the platform's replies.

@@ -8,7 +8,6 @@ local json = require "enos.json"
 local plan_mod = require "enos.plan"
 local journal_mod = require "enos.journal"
 local scheduler = require "enos.scheduler"
-local secret = require "enos.secret"
 local workflow = require "enos.workflow"
 local bulk = require "enos.bulk"
 
@@ -456,14 +455,15 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   end
 
   -- 3. The scheduler and the transport every row shares.
-  local own = client._own_transport or client._transport == nil
+  local topts, given = client:transport_options()
+  local own = given == nil
   local sched = scheduler.new(own and {
-    timeout = client._transport_opts.timeout, connect_timeout = client._transport_opts.connect_timeout,
-    cafile = client._transport_opts.cafile, capath = client._transport_opts.capath,
-    verify_tls = client._transport_opts.verify_tls, user_agent = client._transport_opts.user_agent,
-    max_body = client._transport_opts.max_body, max_connections = o.concurrency * 2,
+    timeout = topts.timeout, connect_timeout = topts.connect_timeout,
+    cafile = topts.cafile, capath = topts.capath,
+    verify_tls = topts.verify_tls, user_agent = topts.user_agent,
+    max_body = topts.max_body, max_connections = o.concurrency * 2,
   } or { multi = core.multi {} })
-  local base = own and sched.transport or client._transport
+  local base = own and sched.transport or given
   local row_of = {}            -- coroutine → row
   local reverify = o.reverify or journal.state.reverify
   local stats = { total = chk.rows, done = 0, replaced = 0, reconciled = 0, skipped = 0, reverified = 0, failed = 0,
@@ -506,7 +506,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     decrypt = base.decrypt and function(_, ...) return base:decrypt(...) end,
     send = function(_, req)
       local row = row_of[coroutine.running() or false]
-      local is_replace = req.once and req.url:find("action=replaceDevice", 1, true) ~= nil
+      local is_replace = req.call == "replace_device"       -- (named by the client: never guessed from a URL)
       local attempt = 0
       while true do
         attempt = attempt + 1
@@ -526,13 +526,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
         local res, err = base:send(req)
         local st = res and res.status
         local safe_retry = st == 429 or (st == 503 and not is_replace)
-        if not safe_retry or attempt >= o.retry_attempts then
-          if row and res and st == 200 and not row.assetId and req.url:find("action=get", 1, true) then
-            -- the preflight's answer names the asset: journal it with the replace (no second JSON decode)
-            row.assetId = res.body:match('"assetId"%s*:%s*"([^"]+)"')
-          end
-          return res, err
-        end
+        if not safe_retry or attempt >= o.retry_attempts then return res, err end
         -- backpressure for everyone: honour Retry-After, else full-jitter exponential backoff
         local ra = tonumber(res.headers and res.headers["retry-after"])
         if ra and ra > o.max_retry_after then
@@ -545,8 +539,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       end
     end,
   }
-  local saved_transport, saved_own = client._transport, client._own_transport
-  client._transport, client._own_transport = transport, false
+  local restore_transport = client:use_transport(transport)
 
   local t0 = sched.now()
   local function progress(final)
@@ -563,6 +556,11 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   end
 
   -- 4. One row.
+  -- the preflight has found the asset: the row's journal records name it from now on (a resume reads it back)
+  local function before_replace(dev)
+    local row = row_of[coroutine.running() or false]
+    if row and not row.assetId then row.assetId = dev.assetId end
+  end
   local wf_opts = assert(workflow.options {
     sleep = function(s) return sched:sleep(s) end, require_secret = require_secret,
     verify = o.verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
@@ -570,13 +568,14 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     max_retry_after = o.max_retry_after,
     steps = false,              -- the batch keeps its own records: no per-row step list
     prove_key = false,          -- proven once for the batch (M.prove_key), not on every row's preflight
+    before_replace = before_replace,
   })
   -- a row whose device the bulk read found (not a gateway) is verified in bulk too, after its replace
   local wf_bulk = o.verify and assert(workflow.options {
     sleep = function(sec) return sched:sleep(sec) end, require_secret = require_secret,
     verify = false, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
     read_attempts = o.read_attempts, backoff_ms = o.backoff_ms, backoff_max_ms = o.backoff_max_ms,
-    max_retry_after = o.max_retry_after, steps = false, prove_key = false,
+    max_retry_after = o.max_retry_after, steps = false, prove_key = false, before_replace = before_replace,
   }) or wf_opts
   -- A row's last record. The row counts (count(), into the stats) once the record is durable;
   -- its task ends now, so the slot goes to the next row instead of waiting on the disk.
@@ -644,6 +643,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   end
 
   local to_verify
+  local replaced_at = nil            -- when the last replace returned (the rest of the run is its verification)
   local function run_row(row)
     local prev = journal.state.by_key[row.key]
     if prev and prev.state == "done" and reverify then
@@ -670,8 +670,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
         local new = { assetId = prev.assetId, productKey = prev.productKey, deviceKey = prev.newDeviceKey,
           encrypted = prev.encrypted }
         if prev.encrypted and client:has_private_key() then
-          new.deviceSecret = secret.decrypt(client._key, prev.encrypted.sessionKey, prev.encrypted.deviceSecret,
-            client.secret_scheme)
+          new.deviceSecret = client:decrypt_secret(prev.encrypted)
         end
         deliver(row, new, "done")
       end
@@ -699,7 +698,18 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     local dev = row.device
     local in_bulk = dev and dev.productType ~= "Gateway" and o.verify
     local report, err = workflow.replace(client, row.target, in_bulk and wf_bulk or wf_opts, dev and { device = dev })
+    replaced_at = sched.now()
     if not report and err and err.report and err.report.new then report = err.report end
+    if report and report.outcome == "wrong_device" then
+      -- the platform replaced another asset than the row's (its key moved meanwhile): not done; that asset's
+      -- new credentials are kept (credentials file, journal) so its secret is not lost
+      deliver(row, report.new, "wrong_device")
+      result(row, "wrong_device", report.new.assetId, err)
+      finish_row(row, { state = "failed", assetId = row.assetId, wrong_device = report.new.assetId,
+        productKey = report.new.productKey, newDeviceKey = report.new.deviceKey, encrypted = report.new.encrypted,
+        error = err_fields(err) }, err)
+      return
+    end
     if report and report.new and (report.secret_missing or
         not workflow.secret_in_hand(client, require_secret, report.new)) then
       -- replaced, but the new secret is not in hand: not done (never counted, never skipped by a resume)
@@ -933,12 +943,13 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   results:close()
   journal:close()
   if ok then counted(journal.synced) end
-  client._transport, client._own_transport = saved_transport, saved_own
+  restore_transport()
   sched:close()           -- its multi (and worker thread) belong to this batch either way
   if not ok then
     return nil, errors.new("transport", "batch stopped: " .. tostring(run_err))
   end
   stats.elapsed = (sched.now() - t0) / 1000
+  stats.replacing = replaced_at and (replaced_at - t0) / 1000 or stats.elapsed
   stats.key_proof = proof
   if stats.retry_after_cut then
     warnings[#warnings + 1] = ("the gateway asked to wait %s s (Retry-After); the batch waited %s s at most " ..

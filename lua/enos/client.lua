@@ -192,6 +192,31 @@ function Client:transport()
   return self._transport
 end
 
+--- For a caller that drives the client's requests itself (the batch's scheduler): the options the client's
+-- own transport is made with (a copy), and the transport it uses now when the caller gave it one (else nil).
+function Client:transport_options()
+  local o = {}
+  for k, v in pairs(self._transport_opts or {}) do o[k] = v end
+  local given = not (self._own_transport or self._transport == nil)
+  return o, given and self._transport or nil
+end
+
+--- Sends this client's requests through `t` until the returned function is called (which puts the previous
+-- transport back). The client does not close `t`.
+function Client:use_transport(t)
+  local saved, saved_own = self._transport, self._own_transport
+  self._transport, self._own_transport = t, false
+  return function() self._transport, self._own_transport = saved, saved_own end
+end
+
+--- Decrypts an encrypted pair {deviceSecret, sessionKey} (as journals keep it) with the client's private key:
+-- the clear secret | nil, err.
+function Client:decrypt_secret(enc)
+  if not self._key then return nil, errors.new("config", "no private key loaded") end
+  if type(enc) ~= "table" then return nil, errors.arg("encrypted", "an encrypted pair is expected") end
+  return secret.decrypt(self._key, enc.sessionKey, enc.deviceSecret, self.secret_scheme)
+end
+
 --- Releases the transport (idempotent).
 function Client:close()
   if self._own_transport and self._transport then self._transport:close() end
@@ -395,6 +420,7 @@ function Client:_sign(spec, token)
     headers = headers, body = spec.body, timeout = self.timeout,
     -- not idempotent: the transport must never re-send it on its own
     once = spec.idempotent == false or nil,
+    call = spec.call,      -- the client call it belongs to ("replace_device", "get_device", …), for transports
   }, Request)
 end
 
@@ -726,6 +752,7 @@ local function call(self, name, p)
   if type(p) ~= "table" then error("enos: " .. name .. " expects a table of parameters", 3) end
   local spec, err = CALLS[name](self, p)
   if not spec then return nil, err end
+  spec.call = name
   return self:_call(spec)
 end
 

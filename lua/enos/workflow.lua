@@ -38,6 +38,7 @@ local KNOWN_OPTS = {
   backoff_max_ms = true, settle_ms = true, verify_attempts = true, poll_ms = true, poll_max_ms = true,
   format = true, require_secret = true, dry_run = true, out = true, overwrite = true, wait_active = true,
   sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true, prove_key = true,
+  before_replace = true,
   max_retry_after = true,
 }
 
@@ -243,7 +244,7 @@ local function check_opts(opts)
   if o.require_secret ~= nil and type(o.require_secret) ~= "boolean" then
     return nil, errors.arg("require_secret", "require_secret must be a boolean")
   end
-  for _, k in ipairs { "sleep", "clock", "confirm", "on_step" } do
+  for _, k in ipairs { "sleep", "clock", "confirm", "on_step", "before_replace" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
   end
   -- a string "no" is truthy: a flag that is not a boolean would do the opposite of what it says
@@ -694,13 +695,18 @@ local function replace(ctx, client, target, dev)
   local params = { productKey = dev.productKey, deviceKey = dev.deviceKey, orgId = target.orgId,
     newDeviceKey = target.newDeviceKey }
   if ctx.require_secret then params.requireSecret = true end
-  local unknown_seen, last_err = false
+  local unknown_seen, last_err, claimed = false, nil, nil  -- luacheck: ignore 311
   local attempt = 0
   while true do
     attempt = attempt + 1
     ctx.report.attempts = attempt
     local s = ctx:begin("replace")
     local r, err = client:replace_device(params)
+    -- a reply naming another asset with our new key: a lie, or the platform replaced that asset (the key the
+    -- preflight read moved to it meanwhile); the read-backs below tell which, never the reply itself
+    if r and type(r.assetId) == "string" and r.assetId ~= ctx.asset.assetId and r.deviceKey == target.newDeviceKey then
+      claimed = r.assetId
+    end
     if r then
       err = reply_mismatch(ctx, target, dev, r)
       if not err then
@@ -731,7 +737,24 @@ local function replace(ctx, client, target, dev)
             code = last_err.code, status = last_err.status, request_id = last_err.request_id,
             outcome_unknown = true, cause = d })
         return nil, e, "unknown"
-      elseif state == "elsewhere" or state == "replaced" then
+      elseif (state == "elsewhere" or state == "replaced") and claimed then
+        -- The platform says the asset asked for was not replaced (its key moved): did it replace the asset the
+        -- reply named? Read that one, with its secret. If so, it happened: say it loudly, keep its credentials
+        -- as read (its old hardware can no longer connect), never "nothing was changed".
+        local other = ctx:read(client.get_device, client, { assetId = claimed, orgId = target.orgId,
+          requireSecret = ctx.require_secret or nil })
+        if other and other.assetId == claimed and other.deviceKey == target.newDeviceKey then
+          local e = errors.new("conflict", "WRONG DEVICE: the platform applied this replace to asset " .. claimed ..
+            ", not " .. ctx.asset.assetId .. ": between the preflight and the replace, key " ..
+            tostring(dev.deviceKey) .. " moved from asset " .. ctx.asset.assetId .. " to asset " .. claimed ..
+            " (another operator?). Asset " .. claimed .. " now has key " .. target.newDeviceKey .. " and a new " ..
+            "secret (delivered with this outcome, so it is not lost); asset " .. ctx.asset.assetId ..
+            " was not replaced (its key is now " .. tostring(d.deviceKey) .. "). Check both before going on",
+            { wrong_device = claimed, request_id = last_err.request_id })
+          return result_of(other, true), e, "wrong_device"
+        end
+      end
+      if state == "elsewhere" or state == "replaced" then
         return nil, errors.new("conflict", "device " .. ctx.asset.assetId .. " changed since the preflight: its key is now " ..
           tostring(d.deviceKey) .. ", not " .. tostring(dev.deviceKey) .. " (another replace or operator?); " ..
           (lost_race and "the platform refused this replace, nothing was changed by it" or "not retrying"),
@@ -974,7 +997,8 @@ end
 -- @param target {assetId=} or {productKey=, deviceKey=}, plus newDeviceKey (and optionally orgId)
 -- @param opts see M.DEFAULTS, and: require_secret (default: when the client can decrypt, or V2.1),
 --   dry_run, out, format, overwrite, wait_active (s), sleep(s), clock() (ms), confirm(plan, report) -> bool,
---   on_step(step, report), record (extra record fields)
+--   on_step(step, report), record (extra record fields), before_replace(device) (called with the device as the
+--   preflight found it, just before the replace is sent)
 -- @param known optional {device = the device as the caller read it for this target (a bulk read)}: the
 --   preflight checks it instead of reading the device again
 -- @return report | nil, err (err.report is the report so far). A report is returned whenever the replace
@@ -1037,14 +1061,34 @@ function M.replace(client, target, opts, known)
       productType = dev.productType, newDeviceKey = t.newDeviceKey, require_secret = ctx.require_secret,
       out = o.out, subdevices = ctx.subs_before and #ctx.subs_before or nil,
     }
+    local asked_at = ctx:now()
     if not o.confirm(plan, report) then
       return ctx:fail(errors.new("invalid_argument", "aborted: not confirmed; nothing changed", { aborted = true }),
         "confirm", "aborted")
     end
+    -- a person may answer minutes later: then the device is read again, and must still be the one confirmed
+    local again, rerr = dev, nil
+    if ctx:now() - asked_at > 1000 then
+      again, rerr = ctx:read(client.get_device, client, { assetId = dev.assetId, orgId = t.orgId })
+    end
+    if not again then return ctx:fail(rerr, "preflight", "refused") end
+    if again.assetId ~= dev.assetId or again.deviceKey ~= dev.deviceKey or again.productKey ~= dev.productKey then
+      local e = errors.new("conflict", "device " .. dev.assetId .. " changed while waiting for the confirmation: its " ..
+        "key is now " .. tostring(again.deviceKey) .. ", not " .. tostring(dev.deviceKey) .. "; nothing was sent",
+        { found_key = again.deviceKey, refused = true })
+      return ctx:fail(e, "confirm", "conflict")
+    end
   end
 
   local new, how
+  if o.before_replace then o.before_replace(dev) end     -- (the batch names the asset in its journal)
   new, err, how = replace(ctx, client, t, dev)
+  if how == "wrong_device" then
+    report.new, report.outcome = new, "wrong_device"
+    local _, derr = deliver(ctx, client)
+    if derr then err.message = err.message .. "; writing its credentials failed too: " .. tostring(derr) end
+    return ctx:fail(err, "replace", "wrong_device")
+  end
   if not new then
     if err.outcome_unknown then report.outcome = "unknown" end
     return ctx:fail(err, "replace", how)

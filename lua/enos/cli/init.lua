@@ -245,6 +245,7 @@ end
 function M.exit_code(err)
   if type(err) ~= "table" then return EXIT.aborted end
   if err.aborted then return EXIT.aborted end
+  if err.wrong_device then return EXIT.network end        -- something changed that was not asked for: look now
   if err.verify_failed or err.deliver_failed or err.secret_missing then return EXIT.verify end
   if err.field == "out" then return EXIT.usage end
   local k = err.kind
@@ -427,9 +428,16 @@ local function cmd_device(c, args)
     if err.outcome_unknown then
       note = string.format("OUTCOME UNKNOWN for asset %s: check it with `%s get --asset-id %s` before anything else.",
         tostring(asset), PROG, tostring(asset))
-    elseif r0 and r0.outcome == "conflict" then
+    elseif err.wrong_device then
+      note = "ANOTHER DEVICE WAS REPLACED: asset " .. tostring(err.wrong_device) .. " (not " .. tostring(asset) ..
+        ")" .. (args.out and (r0 and r0.delivered and ("; its new credentials are in " .. args.out) or "") or "") ..
+        ". Check both with `" .. PROG .. " get --asset-id …` before anything else."
+    elseif r0 and r0.outcome == "conflict" and err.refused then
       note = "Nothing was changed by this command: the device changed since its preflight (see the key above); " ..
         "check it with `" .. PROG .. " get --asset-id " .. tostring(asset) .. "` before deciding what to do."
+    elseif r0 and r0.outcome == "conflict" then
+      note = "The device changed since its preflight (see the key above); check it with `" .. PROG ..
+        " get --asset-id " .. tostring(asset) .. "` before deciding what to do."
     elseif r0 and (r0.outcome == "refused" or r0.outcome == "failed") then
       note = "Nothing was changed."
     end
