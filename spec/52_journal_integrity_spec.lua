@@ -211,4 +211,42 @@ describe("journal integrity", function()
     for _ in creds:gmatch("J00000%d%d,") do count = count + 1 end
     assert.equal(5, count)                       -- each device once in the credentials file
   end)
+
+  for _, fmt in ipairs { "csv", "jsonl" } do
+    it("a credentials line torn mid-secret (" .. fmt .. ", a full disk or power cut) is set aside and written " ..
+      "again on resume, not counted delivered", function()
+      local first = fmt == "csv" and 40 or 45
+      local d, plan = plan_of(first, first + 3)
+      local out = d .. "/creds." .. fmt
+      assert(batch.run(client(), plan, opts(d, { out = out })))
+      -- the last line cut in the middle of its secret, as a full disk leaves it
+      local text = H.readfile(out)
+      local last_start = text:sub(1, -2):match(".*()\n") + 1
+      local secret = h:device(("J%07d"):format(first + 3)).deviceSecret
+      local at = text:find(secret, last_start, true)
+      assert.truthy(at)
+      H.writefile(out, text:sub(1, at + 4))
+      local s = assert(batch.run(client(), plan, opts(d, { out = out, resume = true })))
+      assert.equal(4, s.skipped)
+      assert.truthy(s.warnings[1]:find("torn last line", 1, true), s.warnings[1])
+      local seen = {}
+      for line in io.lines(out) do
+        local asset, sec
+        if fmt == "jsonl" then
+          local r = cjson.decode(line)
+          asset, sec = r.assetId, r.deviceSecret
+        else
+          local cells = require("enos.plan").split_csv(line)
+          asset, sec = cells[2], cells[5]
+        end
+        if asset ~= "assetId" then
+          assert.is_nil(seen[asset], "twice: " .. asset)
+          seen[asset] = true
+          assert.equal(h:device(asset).deviceSecret, sec)
+        end
+      end
+      for k = first, first + 3 do assert.is_true(seen[("J%07d"):format(k)], "missing row " .. k) end
+      assert.truthy(H.sh("ls " .. d):find("creds." .. fmt .. ".torn-", 1, true))
+    end)
+  end
 end)

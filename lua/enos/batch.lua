@@ -102,9 +102,9 @@ local function keys_in(path, format)
       local cells = plan_mod.split_csv(line)
       if cells then
         if not header then
-          header = {}
+          header = { n = #cells }
           for i, c in ipairs(cells) do header[c] = i end
-        elseif header.deviceKey and cells[header.deviceKey] then
+        elseif header.deviceKey and #cells == header.n and cells[header.deviceKey] then
           present[cells[header.deviceKey]] = true
         end
       end
@@ -416,11 +416,22 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   local cred, results
   local present = {}          -- new keys already in the credentials file (filled on resume only)
   local cred_format = format_of(o.out, o.format)
+  local warnings = {}
+  if o.resume then
+    -- a credentials or results line cut by a crash or a full disk: set aside and cut, so that its row is
+    -- written again (from the journal) instead of counting as delivered, and nothing glues to it
+    for _, out in ipairs { { o.out, "credentials file" }, { rpath, "results file" } } do
+      if out[1] then
+        local note, rerr = journal_mod.repair(out[1], { label = out[2], keep_whole = false })
+        if rerr then return nil, errors.new("config", "cannot repair " .. out[1] .. ": " .. tostring(rerr)) end
+        if note then warnings[#warnings + 1] = note end
+      end
+    end
+  end
   if o.out and o.resume then present = keys_in(o.out, cred_format) end
   local journal, jstate = journal_mod.open(jpath, { resume = o.resume,
     keep_encrypted = function(rec) return o.out ~= nil and not present[rec.newDeviceKey] end })
   if not journal then return nil, errors.new("config", tostring(jstate)) end
-  local warnings = {}
   if jstate.repaired then warnings[#warnings + 1] = jstate.repaired end
   if not o.resume or journal.state.records == 0 then
     if o.resume and prove() then journal:close() return nil, perr end

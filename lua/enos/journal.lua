@@ -66,7 +66,12 @@ end
 -- line that is a whole record gets its newline; a fragment is copied aside to `<path>.torn-<ms>` (0600) and
 -- cut off (the journal is rewritten without it: a private copy, fsynced, renamed over it durably), so the
 -- next record does not glue to it. Returns nil (nothing to do) | a note saying what was done | nil, err.
-function M.repair(path)
+-- opts.label names the file in the note (default "journal"); opts.keep_whole = false sets any unterminated last
+-- line aside, whole-looking or not (an output file: a credentials line cut after its secret's first bytes is
+-- still a "line"; the journal, which holds the encrypted pair, re-writes it on resume).
+function M.repair(path, opts)
+  opts = opts or {}
+  local label = opts.label or "journal"
   local size, last = tail_of(path)
   if not size or size == 0 or last == "\n" then return nil end
   local f = assert(io.open(path, "rb"))
@@ -84,14 +89,14 @@ function M.repair(path)
   f:seek("set", cut)
   local fragment = f:read("*a")
   f:close()
-  if type(json.decode(fragment)) == "table" then
+  if opts.keep_whole ~= false and type(json.decode(fragment)) == "table" then
     local af, aerr = core.open_file(path, "append")
     if not af then return nil, aerr end
     local ok, werr = af:write("\n")
     if ok then ok, werr = af:sync() end
     af:close()
     if not ok then return nil, werr end
-    return "journal " .. path .. ": its last record had no line end (added)"
+    return label .. " " .. path .. ": its last record had no line end (added)"
   end
   local aside = ("%s.torn-%d"):format(path, math.floor(core.now_ms()))
   local sf, serr = core.open_file(aside, "excl")
@@ -117,7 +122,7 @@ function M.repair(path)
   tf:close()
   if ok then ok, werr = core.rename_durable(tmp, path) end
   if not ok then os.remove(tmp) return nil, werr end
-  return ("journal %s: a torn last line (%d bytes, a crash mid-write) was set aside in %s"):format(path,
+  return ("%s %s: a torn last line (%d bytes, a crash mid-write) was set aside in %s"):format(label, path,
     #fragment, aside)
 end
 
