@@ -14,7 +14,7 @@ describe("enos-replace batch", function()
     kp = H.keypair()
     dir = H.tmpdir()
     local devices = {}
-    for i = 1, 140 do         -- (121-140: the stdin plans)
+    for i = 1, 140 do         -- (121-140: the stdin plans; 26-29: the refused outputs)
       devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("B%07d"):format(i) }
     end
     h = sim.start { config = { apps = { { access_key = AK, secret_key = SK, public_key_file = kp.public_file } },
@@ -181,5 +181,39 @@ describe("enos-replace batch", function()
       assert.equal(("NEW-%05d"):format(i), d.deviceKey)
       assert.is_true(seen[d.assetId], "no credentials for " .. d.assetId)
     end
+  end)
+
+  it("refuses what would hang or leak before anything is sent: a FIFO output, a --resume whose journal is not " ..
+    "there, a resume into a credentials file others can read", function()
+    local p = plan("p_refuse.csv", 26, 27)
+    local fifo = dir .. "/fifo"
+    H.sh("mkfifo " .. fifo)
+    for _, flag in ipairs { "--out", "--journal", "--results" } do
+      local argv = { "batch", p, "--yes", "--out", dir .. "/cr.csv" }
+      if flag == "--out" then argv[5] = fifo else argv[#argv + 1] = flag argv[#argv + 1] = fifo end
+      local code, _, err = run(argv)
+      assert.equal(2, code, err)
+      assert.truthy(err:find(fifo, 1, true), err)
+    end
+    local code, _, err = run { "batch", p, "--yes", "--out", dir .. "/cr.csv", "--journal", dir .. "/typo.journal",
+      "--resume" }
+    assert.equal(2, code, err)
+    assert.truthy(err:find("no journal at " .. dir .. "/typo.journal", 1, true), err)
+    assert.is_nil(io.open(dir .. "/typo.journal"))
+    -- a batch interrupted with rows left, its credentials file then opened to everyone: the resume refuses
+    local journal, creds = dir .. "/open.journal", dir .. "/open.csv"
+    H.writefile(journal, "")
+    H.writefile(creds, "line,assetId\n")
+    H.sh("chmod 644 " .. creds)
+    code, _, err = run { "batch", p, "--yes", "--out", creds, "--journal", journal, "--resume" }
+    assert.equal(3, code, err)
+    assert.truthy(err:find("can be read by other users (mode 644)", 1, true), err)
+    for _, e in ipairs(h:log()) do
+      if e.op == "replaceDevice" then
+        local q = require("enos.core").parse_query(e.query or "") or {}
+        assert.is_falsy(q.deviceKey == "OLD-00026" or q.deviceKey == "OLD-00027", "a refused batch sent a replace")
+      end
+    end
+    assert.equal("OLD-00026", h:device("B0000026").deviceKey)
   end)
 end)

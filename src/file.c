@@ -151,13 +151,15 @@ static const char *type_name(mode_t m) {
   return "other";
 }
 
-/* stat(path) -> {type, size, mode, uid, id} | nil, message, errno (symlinks followed). `type` is "file",
+/* stat(path [, nofollow]) -> {type, size, mode, uid, id} | nil, message, errno (symlinks followed, unless
+ * nofollow: then a symlink is "symlink"). `type` is "file",
  * "directory", "fifo", "char device", … (without opening: a FIFO's open would block); `id` is "dev:ino",
  * the same string for two paths that name one file (a hard link, a symlink, another spelling). */
 static int l_stat(lua_State *L) {
   const char *path = luaL_checkstring(L, 1);
+  int nofollow = lua_toboolean(L, 2);         /* stat(path, true): the link itself (lstat) */
   struct stat st;
-  if (stat(path, &st) != 0) return push_errno(L, "cannot stat", path);
+  if ((nofollow ? lstat(path, &st) : stat(path, &st)) != 0) return push_errno(L, "cannot stat", path);
   lua_createtable(L, 0, 5);
   lua_pushstring(L, type_name(st.st_mode));
   lua_setfield(L, -2, "type");

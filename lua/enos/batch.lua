@@ -337,6 +337,19 @@ function M.run(client, plan, opts)
         seen[id] = f
       end
     end
+    -- what is there must be a regular file (a FIFO would block the batch, a device would swallow secrets);
+    -- a resume appends secrets only to a credentials file no one else can read
+    for _, f in ipairs { { "journal", jpath }, { "out", o.out }, { "results", rpath } } do
+      local st = f[2] and core.stat(f[2])
+      if st and st.type ~= "file" then
+        return nil, errors.arg(f[1], ("%s %s is a %s, not a regular file"):format(f[1], f[2], st.type))
+      end
+      if st and o.resume and f[1] == "out" and st.mode % 64 ~= 0 then
+        return nil, errors.new("config", ("credentials file %s can be read by other users (mode %o): the resume " ..
+          "would add secrets to it. Make it private (chmod 600 %s), then resume"):format(f[2], st.mode, f[2]),
+          { field = "out" })
+      end
+    end
     -- every output refused before the journal is created: a typo must not leave a journal behind
     for _, f in ipairs { { "journal", jpath }, { "out", o.out }, { "results", rpath } } do
       if f[2] and not (o.resume and f[1] ~= "journal") then

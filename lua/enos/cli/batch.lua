@@ -174,11 +174,8 @@ function run_plan(c, args, h, plan_path, plan_name)
 
   -- output files, before anything is created or sent (batch.run would refuse them later, after the journal)
   do
-    local function exists(path)
-      local f = io.open(path, "rb")
-      if f then f:close() return true end
-      return os.execute("test -e '" .. path:gsub("'", "'\\''") .. "' -o -L '" .. path:gsub("'", "'\\''") .. "'")
-    end
+    -- (stat, never open: opening a FIFO to look would block)
+    local function exists(path) return core.stat(path, true) ~= nil end
     local function dir_ok(path)
       local dir = path:match("^(.*)/[^/]*$") or "."
       if dir == "" then dir = "/" end
@@ -188,6 +185,11 @@ function run_plan(c, args, h, plan_path, plan_name)
     end
     local journal = args.journal or (plan_path .. ".journal")
     local results = args.results or (journal:gsub("%.journal$", "") .. ".results.csv")
+    if args.resume and not exists(journal) then
+      -- (a typo in --journal would otherwise start the batch anew: every done row then fails "not found")
+      h.say(c, "--resume: no journal at %s (check --journal; without --resume a new batch starts)", journal)
+      return EXIT.usage
+    end
     for _, f in ipairs { { "--out", args.out }, { "--journal", journal }, { "--results", results } } do
       local flag, path = f[1], f[2]
       if path then
