@@ -250,6 +250,25 @@ describe("enos-replace against the simulator", function()
       assert.matches("not requested", r.out)
     end)
 
+    it("--out or --show-secret without a private key (V2.4) is refused before anything is sent: " ..
+      "the secret asked for could not be had", function()
+      local d = seed { productKey = "pk_demo", deviceKey = "cli_old_19b" }
+      for _, extra in ipairs { { "--out", dir .. "/nokey.json" }, { "--show-secret" } } do
+        local argv = { "device", "--asset-id", d.assetId, "--new-key", "cli_new_19b", "--yes" }
+        for _, a in ipairs(extra) do argv[#argv + 1] = a end
+        local r = run(argv, { env = env { ENOS_PRIVATE_KEY_FILE = false } })
+        assert.equal(2, r.code, r.err)
+        assert.matches("no private key is configured", r.err)
+        assert.matches("%-%-no%-secret", r.err)
+      end
+      assert.equal("cli_old_19b", device(d.assetId).deviceKey)
+      assert.is_nil(io.open(dir .. "/nokey.json"))
+      local r = run({ "device", "--asset-id", d.assetId, "--new-key", "cli_new_19b", "--yes", "--no-secret",
+        "--show-secret" }, { env = env { ENOS_PRIVATE_KEY_FILE = false } })
+      assert.equal(2, r.code)
+      assert.matches("contradict", r.err)
+    end)
+
     -- a real transport with a hook run on each reply
     local function hooked(hook)
       local inner = core.easy { cafile = h.ca_file, timeout = 10 }

@@ -383,6 +383,13 @@ local function cmd_device(c, args)
   local v21 = client.api_version == "v2.1"
   local wants_secret = not args.no_secret and (v21 or client:has_private_key())
   if args.no_secret and v21 then say(c, "--no-secret has no effect with api_version v2.1 (the reply carries the secret)") end
+  if args.no_secret and args.show_secret then say(c, "--show-secret and --no-secret contradict each other") return EXIT.usage end
+  if (args.out or args.show_secret) and not args.no_secret and not v21 and not client:has_private_key() then
+    -- the operator asked for the secret; a forgotten ENOS_PRIVATE_KEY_FILE must not end as "done" without it
+    say(c, "no private key is configured, so the new deviceSecret cannot be decrypted: set --private-key-file " ..
+      "(or ENOS_PRIVATE_KEY_FILE, or the profile's private_key_file), or give --no-secret to replace without it")
+    return EXIT.usage
+  end
   if wants_secret and not args.out and not args.show_secret and not args.dry_run then
     say(c, "the new deviceSecret needs somewhere to go: give --out FILE (recommended), or --show-secret, " ..
       "or --no-secret to not request it")
