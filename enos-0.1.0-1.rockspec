@@ -33,7 +33,7 @@ build = {
   modules = {
     ["enos.core"] = {
       sources = { "src/core.c", "src/csv.c", "src/easy.c", "src/file.c", "src/http.c", "src/keyset.c", "src/multi.c",
-                  "src/secret.c", "src/sign.c", "src/util.c", "src/worker.c" },
+                  "src/secret.c", "src/sign.c", "src/signals.c", "src/util.c", "src/worker.c" },
       libraries = { "curl", "ssl", "crypto", "pthread" },
       defines = { "_POSIX_C_SOURCE=200809L" },
       libdirs = { "$(CURL_LIBDIR)", "$(OPENSSL_LIBDIR)" },

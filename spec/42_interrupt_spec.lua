@@ -28,12 +28,13 @@ describe("Ctrl-C", function()
   end)
 
   -- Runs bin/enos-replace ARGS in the background, sends SIGINT after `after` seconds; returns rc, stdout, stderr.
-  local function interrupt(args, after)
+  local function interrupt(args, after, sig)
     local env = ("ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=ak ENOS_SECRET_KEY=sk-never-printed ENOS_ORG_ID=%s " ..
       "ENOS_PRIVATE_KEY_FILE=%s ENOS_CONFIG=/nonexistent ENOS_TIMEOUT=3"):format(q(h.url), ORG, q(kp.private_file))
     local out, err, rcf = dir .. "/out", dir .. "/err", dir .. "/rc"
     os.execute(("env %s %s bin/enos-replace %s </dev/null >%s 2>%s & pid=$!; sleep %s; kill -INT $pid; " ..
-      "wait $pid; echo $? >%s"):format(env, INTERP, args, out, err, tostring(after), rcf))
+      "wait $pid; echo $? >%s"):format(env, INTERP, args, out, err, tostring(after), rcf):gsub("kill %-INT", "kill -" ..
+      (sig or "INT")))
     return tonumber(H.readfile(rcf)), H.readfile(out), H.readfile(err)
   end
 
@@ -60,6 +61,20 @@ describe("Ctrl-C", function()
     local rec = require("cjson").decode(H.readfile(dir .. "/dev1.json.recovered"))
     assert.equal(d.deviceSecret, rec.deviceSecret)
   end)
+
+  for k, sig in ipairs { "TERM", "HUP" } do
+    it("SIG" .. sig .. " during a device replace (a CI timeout, a closed session) says the same as Ctrl-C", function()
+      local asset, key = ("I%07d"):format(36 + k), ("NEW-%05d"):format(36 + k)
+      assert.equal(200, (h:admin("POST", "/faults", { latency_ms = 2000, match = "replaceDevice", count = 1 })))
+      local rc, _, err = interrupt(("device --asset-id %s --new-key %s --out %s --yes"):format(asset, key,
+        q(dir .. "/sig" .. sig .. ".json")), 1, sig)
+      h:admin("DELETE", "/faults")
+      assert.equal(5, rc, err)
+      assert.matches("OUTCOME UNKNOWN for asset " .. asset, err, 1, true)
+      assert.matches("enos-replace get --asset-id " .. asset .. " --secret --out", err, 1, true)
+      assert.equal(key, h:device(asset).deviceKey)
+    end)
+  end
 
   it("before anything was sent (at the confirmation prompt's read): nothing changed, exit 130", function()
     -- a preflight held by the simulator: interrupted before the replace was confirmed

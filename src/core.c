@@ -63,6 +63,7 @@ LUALIB_API int luaopen_enos_core(lua_State *L) {
   enos_open_http(L);
   enos_open_csv(L);
   enos_open_keyset(L);
+  enos_open_signals(L);
   lua_pushliteral(L, ENOS_VERSION);
   lua_setfield(L, -2, "_VERSION");
   lua_pushliteral(L, "enos.core");

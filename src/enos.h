@@ -29,6 +29,7 @@ void enos_open_file(lua_State *L);
 void enos_open_http(lua_State *L);
 void enos_open_csv(lua_State *L);
 void enos_open_keyset(lua_State *L);
+void enos_open_signals(lua_State *L);
 
 /* easy.c helpers shared with multi.c */
 typedef struct enos_buf {

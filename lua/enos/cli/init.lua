@@ -648,6 +648,8 @@ end
 
 --- Entry point of bin/enos-replace: real stdio, environment and terminal check.
 function M.run_process(argv)
+  -- a CI job's timeout (TERM) or a closed session (HUP) ends a command as Ctrl-C does: it says what it leaves
+  require("enos.core").interrupt_on { "TERM", "HUP" }
   local list = {}
   for i = 1, #(argv or {}) do list[i] = argv[i] end
   local code = M.main {
