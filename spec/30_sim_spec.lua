@@ -649,6 +649,9 @@ describe("enos-sim --state", function()
         { newDeviceKey = "persist_02" })
       assert.equal(0, rr.code)
       h1:stop()
+      -- it holds every device's clear secret: private to its owner, whatever the umask
+      local mode = require("enos.core").stat(state).mode
+      assert.equal(0, mode % 64, ("state file mode %o"):format(mode))
       local h2 = sim.start { state_file = state }
       finally(function() h2:stop() end)
       local _, g = h2:call("GET", DEV, { action = "get", orgId = ORG, assetId = r.data.assetId })

@@ -105,6 +105,18 @@ describe("no secret leaks", function()
     c:close()
   end)
 
+  it("an endpoint carrying a password or a query token is not echoed (config shows it redacted)", function()
+    local url = h.url:gsub("^https://", "https://operator:EndpointPassw0rd@")
+    assert.equal(0, run_cli { "config", "--endpoint", url })
+    run_cli { "get", "--asset-id", "S0000002", "--endpoint", url }
+    run_cli { "get", "--asset-id", "S0000002", "--endpoint", h.url .. "/?token=QueryT0ken" }
+    run_cli { "config", "--endpoint", h.url .. "/?token=QueryT0ken" }
+    for _, s in ipairs(seen) do
+      assert.falsy(s.text:find("EndpointPassw0rd", 1, true), "the endpoint's password appears in " .. s.what)
+      assert.falsy(s.text:find("QueryT0ken", 1, true), "the endpoint's query token appears in " .. s.what)
+    end
+  end)
+
   it("finds none of them anywhere", function()
     local secrets = { ["secret key"] = SK, token = h:token() }
     -- every line of the private key's base64 body

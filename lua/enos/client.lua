@@ -44,11 +44,13 @@ function M.parse_endpoint(url, allow_insecure)
   end
   local scheme, authority, path = url:match("^(%a[%w+.-]*)://([^/?#]+)([^?#]*)$")
   if not scheme then
-    return nil, errors.new("config", "endpoint is not an http(s) URL without query: " .. url, { field = "endpoint" })
+    return nil, errors.new("config", "endpoint is not an http(s) URL without query: " ..
+      require("enos.profile").redact_url(url), { field = "endpoint" })
   end
   scheme = scheme:lower()
   if scheme ~= "https" and scheme ~= "http" then
-    return nil, errors.new("config", "endpoint must use https (or http on loopback): " .. url, { field = "endpoint" })
+    return nil, errors.new("config", "endpoint must use https (or http on loopback): " ..
+      require("enos.profile").redact_url(url), { field = "endpoint" })
   end
   if authority:find("@", 1, true) then
     return nil, errors.new("config", "endpoint must not carry user information", { field = "endpoint" })

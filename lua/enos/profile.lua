@@ -235,6 +235,16 @@ function M.mask(name, v)
     if #v >= 12 then return v:sub(1, 4) .. "…" .. v:sub(-4) end
     return v:sub(1, 2) .. "…"
   end
+  if name == "endpoint" then return M.redact_url(v) end
+  return v
+end
+
+--- A URL as it may be shown: user information (`user:password@`) and a query (`?token=…`) replaced by
+-- `<redacted>` (an endpoint must carry neither; the message says so without repeating them).
+function M.redact_url(v)
+  v = tostring(v)
+  v = v:gsub("^(%a[%w+.-]*://)[^/?#]*@", "%1<redacted>@")
+  v = v:gsub("[?#].*$", "?<redacted>")
   return v
 end
 

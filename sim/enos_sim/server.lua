@@ -21,6 +21,12 @@ end
 
 function M.init_worker()
   math.randomseed(ngx.now() * 1000 + ngx.worker.pid())
+  -- the state file holds every device's clear secret: whatever the worker creates is its owner's alone
+  local ok, ffi = pcall(require, "ffi")
+  if ok then
+    pcall(ffi.cdef, "unsigned int umask(unsigned int mask);")
+    ffi.C.umask(63)        -- 0077
+  end
 end
 
 local ROUTES = {
