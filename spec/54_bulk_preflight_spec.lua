@@ -176,9 +176,12 @@ describe("batch --dry-run: the bulk preflight", function()
       "pk_gateway,GW-00001,GW-NEW-01",             -- line 405: a gateway (a note, not a failure)
       "pk_demo,OLD-00421,OLD-00422",          -- line 406: the new key is another device's current key
     })
+    -- line 407: the device of line 11 (pk_demo/OLD-00010) again, by its assetId
+    H.writefile(p, H.readfile(p):gsub("productKey,deviceKey,newDeviceKey\n", "assetId,productKey,deviceKey,newDeviceKey\n")
+      :gsub("\npk_", "\n,pk_") .. "A0000010,,,NEW-90007\n")
     local _, before = h:log()
     local r = assert(preflight.run(c, p))
-    assert.equal(405, r.rows)
+    assert.equal(406, r.rows)
     assert.equal(401, r.ok)
     local got = {}
     for _, x in ipairs(r.problems) do got[#got + 1] = x.line .. " " .. x.kind .. ": " .. x.message end
@@ -187,6 +190,7 @@ describe("batch --dry-run: the bulk preflight", function()
       "403 conflict: device AOFF0001 is disabled; enable it before replacing it",
       "404 conflict: newDeviceKey TAKEN-01 is already used by asset ATAKEN01 in product pk_demo",
       "406 conflict: newDeviceKey OLD-00422 is already used by asset A0000422 in product pk_demo",
+      "407 invalid_argument: the same device as line 11 (asset A0000010, named another way)",
     }, got)
     assert.equal(1, #r.notes)
     assert.equal(405, r.notes[1].line)

@@ -112,6 +112,39 @@ describe("plan check refuses", function()
     res = check_text(dir, "badh.csv", "assetId," .. string.rep("z", 5000) .. "\nA1,NEW-00001\n")
     assert.is_true(#messages(res) < 400, #messages(res))
   end)
+
+  it("what is not a text plan, each with what to do: a directory, UTF-16, gzip, an .xlsx, a binary file", function()
+    local function refused(name, bytes)
+      local p = dir .. "/" .. name
+      if bytes then H.writefile(p, bytes) end
+      local res, err = plan.check(p)
+      assert.is_nil(res, name)
+      return err
+    end
+    H.sh("mkdir -p " .. dir .. "/adir.csv")
+    assert.matches("it is a directory, not a regular file", refused("adir.csv"), 1, true)
+    local utf16 = "\255\254" .. ("assetId,newDeviceKey\nA1,NEW-00001\n"):gsub(".", "%0\0")
+    assert.matches("UTF-16 text", refused("u16.csv", utf16), 1, true)
+    assert.matches("save it as \"CSV UTF-8\"", refused("u16be.csv", "\254\255\0a"), 1, true)
+    assert.matches("gzip-compressed", refused("p.csv.gz", "\31\139\8\0rest"), 1, true)
+    assert.matches("ZIP archive (an .xlsx workbook?)", refused("p.xlsx", "PK\3\4rest"), 1, true)
+    assert.matches("binary, not text", refused("p.bin", "\0\0\0\0"), 1, true)
+    -- and a JSONL line that is JSON but not an object says what it is
+    local res = check_text(dir, "arr.jsonl", '{"assetId":"A1","newDeviceKey":"NEW-00001"}\n[1,2]\n"text"\nnull\n')
+    local m = messages(res)
+    assert.matches("2: not a JSON object: it is an array", m, 1, true)
+    assert.matches("3: not a JSON object: it is a string", m, 1, true)
+    assert.matches("4: not a JSON object: it is null", m, 1, true)
+  end)
+
+  it("identifiers with invisible or text-direction characters (zero-width space, bidi overrides, BOM)", function()
+    local res = check_text(dir, "invisible.csv", table.concat({ "assetId,newDeviceKey",
+      "A1\226\128\139,NEW-00001", "A2\226\128\174xx,NEW-00002", "\239\187\191A3,NEW-00003", "A4\194\173,NEW-00004",
+      "A5\226\129\167,NEW-00005", "Ä6,NEW-00006" }, "\n") .. "\n")
+    local m = messages(res)
+    for line = 2, 6 do assert.matches(line .. ": assetId contains an invisible or text-direction character", m, 1, true) end
+    assert.equal(5, res.error_count, m)           -- (a letter with an accent is fine)
+  end)
 end)
 
 describe("plan extras in the outputs", function()

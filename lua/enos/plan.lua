@@ -187,9 +187,27 @@ end
 
 --- Opens a plan file. Returns a reader with :rows() (an iterator of row, err)
 -- and :close(), or nil, message. format: "csv" | "jsonl" | nil (by extension or content).
+-- What a file that is not a text plan starts with (spreadsheet exports and archives), and what to do instead.
+local NOT_TEXT = {
+  { "^\255\254", "UTF-16 text (a spreadsheet's \"Unicode text\" export): save it as \"CSV UTF-8\"" },
+  { "^\254\255", "UTF-16 text (a spreadsheet's \"Unicode text\" export): save it as \"CSV UTF-8\"" },
+  { "^\31\139", "gzip-compressed: decompress it first" },
+  { "^PK\3\4", "a ZIP archive (an .xlsx workbook?): export the sheet as \"CSV UTF-8\"" },
+  { "^%z", "binary, not text (it starts with a NUL byte)" },
+}
+
 function M.open(path, format)
+  local st = core.stat(path)
+  if st and st.type ~= "file" then
+    return nil, ("cannot read the plan %s: it is a %s, not a regular file"):format(path, st.type)
+  end
   local f, err = io.open(path, "rb")
   if not f then return nil, "cannot read the plan: " .. tostring(err) end
+  local head = f:read(4) or ""
+  f:seek("set", 0)
+  for _, nt in ipairs(NOT_TEXT) do
+    if head:find(nt[1]) then f:close() return nil, ("the plan %s is %s"):format(path, nt[2]) end
+  end
   if not format then
     if path:match("%.jsonl$") or path:match("%.ndjson$") or path:match("%.json$") then format = "jsonl"
     elseif path:match("%.csv$") then format = "csv"
@@ -285,7 +303,9 @@ function M.Reader:rows()
         if self.format == "jsonl" then
           local doc, jerr = json.decode(line)
           if type(doc) ~= "table" or doc[1] ~= nil then
-            return false, { line = start, message = "not a JSON object: " .. excerpt(jerr or "", 80) }
+            local what = jerr and excerpt(jerr, 80) or (type(doc) == "table" and "it is an array" or
+              ((doc == nil or type(doc) == "userdata") and "it is null" or ("it is a " .. type(doc))))
+            return false, { line = start, message = "not a JSON object: " .. what }
           end
           local fields, extra, n = {}, {}, 0
           for k, v in pairs(doc) do
@@ -356,6 +376,14 @@ function M.Reader:rows()
   end
 end
 
+--- True when UTF-8 text holds a character that is invisible or turns the text's direction (U+00AD, U+200B-200F,
+-- U+202A-202E, U+2060-2064, U+2066-2069, U+FEFF): an identifier with one looks like another, names no device,
+-- and reorders a terminal line it is printed in.
+function M.invisible(v)
+  return v:find("\194\173") or v:find("\226\128[\139-\143\170-\174]") or v:find("\226\129[\160-\164\166-\169]")
+    or v:find("\239\187\191") or nil
+end
+
 --- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message.
 local ROW_FIELDS = { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" }
 function M.check_row(fields)
@@ -368,6 +396,10 @@ function M.check_row(fields)
       if v:find("[^ -~]") then               -- (the common case, printable ASCII, needs no more)
         if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters", k end
         if not valid_utf8(v) then return nil, k .. " is not valid UTF-8", k end
+        if M.invisible(v) then
+          return nil, k .. " contains an invisible or text-direction character (zero-width space, bidi " ..
+            "control, BOM, soft hyphen: a copy-paste?)", k
+        end
       end
     end
   end

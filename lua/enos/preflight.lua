@@ -44,6 +44,9 @@ function M.run(client, plan, opts)
     read_attempts = opts.read_attempts, max_retry_after = opts.max_retry_after,
     on_call = function() report.calls = report.calls + 1 end }
 
+  -- the devices found, by assetId: a plan may name one device twice in two ways (by assetId in one row, by
+  -- productKey + deviceKey in another), which only the platform can tell
+  local asset_line = {}
   local function window(rows)
     local targets = {}
     for k, r in ipairs(rows) do targets[k] = r.target end
@@ -60,6 +63,10 @@ function M.run(client, plan, opts)
         if errors.is(e) and e.kind == "not_found" then problem(r.line, "not_found", "device not found (" .. describe(t) .. ")")
         else problem(r.line, errors.is(e) and e.kind or "transport", "could not read " .. describe(t) .. ": " .. tostring(e)) end
         bad[k] = true
+      elseif asset_line[d.assetId] then
+        problem(r.line, "invalid_argument", "the same device as line " .. asset_line[d.assetId] .. " (asset " ..
+          tostring(d.assetId) .. ", named another way)")
+        bad[k] = true
       elseif d.status == "disable" then
         problem(r.line, "conflict", "device " .. tostring(d.assetId) .. " is disabled; enable it before replacing it")
         bad[k] = true
@@ -71,6 +78,7 @@ function M.run(client, plan, opts)
           " already (replaced before?)")
         bad[k] = true
       else
+        asset_line[d.assetId] = r.line
         local pk = (t.orgId or "") .. "\0" .. tostring(d.productKey)
         if not by_product[pk] then
           by_product[pk] = { org = t.orgId, product = d.productKey, keys = {}, rows = {} }
@@ -128,6 +136,7 @@ function M.run(client, plan, opts)
   end
   reader:close()
   if #rows > 0 then window(rows) end
+  table.sort(report.problems, function(a, b) return a.line < b.line end)     -- (one problem a row at most)
   return report
 end
 
