@@ -70,10 +70,13 @@ function M.parse(text, path)
           return nil, errors.new("config", string.format("%s:%d: bad section header %s", path, n, line))
         end
         name = name:gsub("^profile%s+", "")        -- accept [profile name] like the AWS CLI
-        if not out.sections[name] then
-          out.sections[name] = {}
-          out.order[#out.order + 1] = name
+        if out.sections[name] then
+          -- (two [default] sections: which one's values win would be an accident of the file's order)
+          return nil, errors.new("config", string.format("%s:%d: section [%s] appears twice (first at line %d): " ..
+            "merge them", path, n, name, out.sections[name]._line))
         end
+        out.sections[name] = { _line = n }
+        out.order[#out.order + 1] = name
         current = out.sections[name]
       else
         local k, v = line:match("^([%w_%-%.]+)%s*=%s*(.-)$")
@@ -88,6 +91,11 @@ function M.parse(text, path)
         if q then v = q end
         if not BY_NAME[k] then
           out.warnings[#out.warnings + 1] = string.format("%s:%d: unknown key '%s' (ignored)", path, n, k)
+        end
+        if current[k] then
+          -- a repeated setting silently taking the last value is what the CLI refuses for repeated flags too
+          return nil, errors.new("config", string.format("%s:%d: '%s' is set twice in this section (first at " ..
+            "line %d): keep one", path, n, k, current[k].line))
         end
         current[k] = { value = v, line = n }
       end
