@@ -789,6 +789,37 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       warning = warn and err_fields(warn) or nil }, report.outcome)
   end
   local settle = o.settle_ms or 2000
+  local function verify_window(now)
+    local batch = {}
+    while vfirst <= vlast and #batch < o.read_batch and vq[vfirst].at + settle <= now do
+      batch[#batch + 1] = vq[vfirst]
+      vq[vfirst] = nil
+      vfirst = vfirst + 1
+    end
+    local targets = {}
+    for k, v in ipairs(batch) do targets[k] = { assetId = v.report.new.assetId, orgId = v.row.target.orgId } end
+    local res = bulk.read(client, targets, { window = o.read_batch, sleep = function(sec) sched:sleep(sec) end,
+      read_attempts = o.read_attempts, max_retry_after = o.max_retry_after })
+    for k, v in ipairs(batch) do
+      local want = { assetId = v.report.new.assetId, newDeviceKey = v.row.target.newDeviceKey,
+        productKey = v.report.old and v.report.old.productKey }
+      local problems, notes = {}, {}
+      local d = res[k] and res[k].device
+      if d then workflow.check_replaced(d, want, problems, notes)
+      else problems[1] = "cannot read the device back: " .. tostring(res[k] and res[k].err) end
+      if #problems > 0 and d then
+        -- the search may lag: one Get Device for this row before concluding
+        local one = bulk.read(client, { targets[k] }, { window = 1, read_attempts = o.read_attempts,
+          sleep = function(sec) sched:sleep(sec) end, max_retry_after = o.max_retry_after, search = false })
+        problems, notes = {}, {}
+        d = one[1] and one[1].device
+        if d then workflow.check_replaced(d, want, problems, notes)
+        else problems[1] = "cannot read the device back: " .. tostring(one[1] and one[1].err) end
+      end
+      if d then v.report.new.status = d.status end
+      finish_verified(v.row, v.report, problems, notes)
+    end
+  end
   local function verifier()
     while true do
       if vfirst > vlast then
@@ -801,36 +832,11 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
         local full_at = n >= W and vq[vfirst + W - 1].at + settle or math.huge
         local last_at = workers_left == 0 and vq[vlast].at + settle or math.huge
         local go_at = math.min(full_at, last_at, vq[vfirst].at + 2 * settle)
-        if go_at > now then sched:sleep(math.max(go_at - now, 1) / 1000) end
-        local batch
-        batch, now = {}, sched.now()
-        while vfirst <= vlast and #batch < o.read_batch and vq[vfirst].at + settle <= now do
-          batch[#batch + 1] = vq[vfirst]
-          vq[vfirst] = nil
-          vfirst = vfirst + 1
-        end
-        local targets = {}
-        for k, v in ipairs(batch) do targets[k] = { assetId = v.report.new.assetId, orgId = v.row.target.orgId } end
-        local res = bulk.read(client, targets, { window = o.read_batch, sleep = function(sec) sched:sleep(sec) end,
-          read_attempts = o.read_attempts, max_retry_after = o.max_retry_after })
-        for k, v in ipairs(batch) do
-          local want = { assetId = v.report.new.assetId, newDeviceKey = v.row.target.newDeviceKey,
-            productKey = v.report.old and v.report.old.productKey }
-          local problems, notes = {}, {}
-          local d = res[k] and res[k].device
-          if d then workflow.check_replaced(d, want, problems, notes)
-          else problems[1] = "cannot read the device back: " .. tostring(res[k] and res[k].err) end
-          if #problems > 0 and d then
-            -- the search may lag: one Get Device for this row before concluding
-            local one = bulk.read(client, { targets[k] }, { window = 1, read_attempts = o.read_attempts,
-              sleep = function(sec) sched:sleep(sec) end, max_retry_after = o.max_retry_after, search = false })
-            problems, notes = {}, {}
-            d = one[1] and one[1].device
-            if d then workflow.check_replaced(d, want, problems, notes)
-            else problems[1] = "cannot read the device back: " .. tostring(one[1] and one[1].err) end
-          end
-          if d then v.report.new.status = d.status end
-          finish_verified(v.row, v.report, problems, notes)
+        if go_at > now then
+          -- (in steps: the last worker's end moves go_at earlier, and a sleep is not woken by a signal)
+          sched:sleep(math.max(math.min(go_at - now, 100), 1) / 1000)
+        else
+          verify_window(now)
         end
       end
     end
