@@ -29,7 +29,8 @@ function M.add_command(p, h)
     b:option("--qps", "At most this many requests per second (default: no cap)."):argname("<r>"),
     b:option("--out", "Credentials file (0600; .csv or .jsonl), written as rows complete."):argname("<file>"),
     b:option("--journal", "Journal file (default PLAN.journal): makes the batch resumable."):argname("<file>"),
-    b:option("--results", "Results file (default: the journal's name with .journal replaced by .results.csv): every row's outcome."):argname("<file>"),
+    b:option("--results", "Results file (default: the journal's name with .journal replaced by .results.csv): "
+      .. "every row's outcome."):argname("<file>"),
     b:flag("--resume", "Continue the batch of --journal: skip done rows, reconcile rows that were in flight."),
     b:flag("--reverify", "With --resume: read every row the journal says is done back from the platform and "
       .. "trust only what it shows (for a plan that changed since the journal began, or a journal in doubt)."),
