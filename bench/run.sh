@@ -236,10 +236,13 @@ one_runs() {   # label -> lines "floor_rate floor_cpu enos_rate enos_cpu enos_re
     f=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
     e=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
     check_all "$e"
-    lua5.4 -e 'local cj=require("cjson") local f, e = cj.decode(arg[1]), cj.decode(arg[2])
-      assert(f.ok == f.rows, "floor: rows failed")
-      print(f.rows / f.elapsed_s, f.cpu_s * 1000 / f.rows, e.done / e.elapsed_s, e.cpu_s * 1000 / e.done,
-        e.done / e.replacing_s)' "$f" "$e"
+    lua5.4 - "$f" "$e" <<'LUA'
+local cj = require "cjson"
+local f, e = cj.decode(arg[1]), cj.decode(arg[2])
+assert(f.ok == f.rows, "floor: rows failed")
+print(f.rows / f.elapsed_s, f.cpu_s * 1000 / f.rows, e.done / e.elapsed_s, e.cpu_s * 1000 / e.done,
+  e.done / e.replacing_s)
+LUA
   done
 }
 loop_one=$(one_runs)

@@ -851,10 +851,16 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   -- At most one fsync starts per commit_ms, so groups are larger than one fsync's worth of rows
   -- (fsyncs cost CPU as well as time); commit() returns how long until the next may start.
   local syncing, sync_err, last_sync = false, nil, -math.huge
+  local function wrote(what, ok, err)      -- a full disk stops the batch naming the file (the journal stays whole)
+    if not ok then
+      error(("cannot write the %s: %s; free the space, then resume"):format(what,
+        (tostring(err):gsub("^write failed: ", ""))), 0)
+    end
+  end
   local function commit()
-    if cred then assert(cred:flush()) end
-    assert(results:flush())             -- a report: written as rows finish, fsynced at the end
-    assert(journal:write())
+    if cred then wrote("credentials file " .. o.out, cred:flush()) end
+    wrote("results file " .. rpath, results:flush())    -- a report: written as rows finish, fsynced at the end
+    wrote("journal " .. jpath, journal:write())
     if journal.written <= journal.synced or syncing then return end
     local now = sched.now()
     if now - last_sync < o.commit_ms then return (last_sync + o.commit_ms - now) / 1000 end
