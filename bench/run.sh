@@ -211,8 +211,8 @@ printf '| one client:replace_device on loopback, p50/p99 | %s / %s ms | (keep-al
 
 # Gateway calls per device and the throughput that follows (one replace per device: the goals of the second
 # fleet design). The floor here is the C client on libcurl's socket API sending one replaceDevice per device.
-ADMIN=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).admin_url)')
-CA=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).ca_file or "")')
+ADMIN=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).admin)')
+CA=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).ca or "")')
 faults() { curl -s ${CA:+--cacert "$CA"} -X "$1" -H 'Content-Type: application/json' ${2:+-d "$2"} "$ADMIN/faults" >/dev/null; }
 echo
 echo "bench: gateway calls per device, devices/s at --qps caps, and one-call floors (loopback and 20 ms a call)"
