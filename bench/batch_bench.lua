@@ -34,5 +34,5 @@ local cpu = os.clock() - cpu0
 if not s then io.stderr:write(tostring(err), "\n") os.exit(1) end
 print(cjson.encode { rows = rows, done = s.done, failed = s.failed, elapsed_s = elapsed, cpu_s = cpu,
   rate = s.done / elapsed, maxrss_kb = vmhwm(), fsyncs = s.fsyncs, requests = s.requests,
-  replacing_s = s.replacing })
+  replacing_s = s.replacing, failed_by_kind = s.failed_by_kind })
 os.execute("rm -rf " .. dir)
