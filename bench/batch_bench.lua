@@ -35,4 +35,8 @@ if not s then io.stderr:write(tostring(err), "\n") os.exit(1) end
 print(cjson.encode { rows = rows, done = s.done, failed = s.failed, elapsed_s = elapsed, cpu_s = cpu,
   rate = s.done / elapsed, maxrss_kb = vmhwm(), fsyncs = s.fsyncs, requests = s.requests,
   replacing_s = s.replacing, failed_by_kind = s.failed_by_kind })
+if s.failed and s.failed > 0 and s.results then      -- (what failed, for the bench's log)
+  local f = io.open(s.results)
+  if f then f:read("l") io.stderr:write("first failed row: ", tostring(f:read("l")), "\n") f:close() end
+end
 os.execute("rm -rf " .. dir)

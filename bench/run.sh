@@ -248,10 +248,11 @@ for q in 50 200; do
   qline+=("$(echo "$r" | lua5.4 -e 'local t=require("cjson").decode(io.read("a"))
     print(string.format("%.1f %.1f", t.done / t.elapsed_s, t.done / t.replacing_s))')")
 done
-one_runs() {   # label -> lines "floor_rate floor_cpu enos_rate enos_cpu enos_replacing_rate" per round
+one_runs() {   # FIRST -> lines "floor_rate floor_cpu enos_rate enos_cpu enos_replacing_rate" per round
+  local n=$1      # (run in $(…): the caller advances its own `next` by 2 * ROWS * ONE_REPEAT)
   for _ in $(seq "$ONE_REPEAT"); do
-    f=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" socket); next=$((next + ROWS))
-    e=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$next" -); next=$((next + ROWS))
+    f=$(FLOOR_ONE_CALL=1 "$OUT/floor" "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$n" socket); n=$((n + ROWS))
+    e=$(lua5.4 bench/batch_bench.lua "$URL" $AK $SK $ORG "$ROWS" "$CONC" "$n" -); n=$((n + ROWS))
     check_all "$e"
     lua5.4 - "$f" "$e" <<'LUA'
 local cj = require "cjson"
@@ -262,17 +263,16 @@ print(f.rows / f.elapsed_s, f.cpu_s * 1000 / f.rows, e.done / e.elapsed_s, e.cpu
 LUA
   done
 }
-loop_one=$(one_runs)
+loop_one=$(one_runs "$next"); next=$((next + 2 * ROWS * ONE_REPEAT))
 faults POST '{"latency_ms":20}'
-lat_one=$(one_runs)
+lat_one=$(one_runs "$next"); next=$((next + 2 * ROWS * ONE_REPEAT))
 faults DELETE
 lua5.4 - "$ROWS" "$CONC" "$ONE_REPEAT" "${calls[0]}" "${calls[1]}" "${qline[0]}" "${qline[1]}" "$loop_one" "$lat_one" <<'LUA'
 local rows, conc, rounds = arg[1], arg[2], arg[3]
 local function med(t) table.sort(t) local n = #t return n % 2 == 1 and t[(n + 1) / 2] or (t[n / 2] + t[n / 2 + 1]) / 2 end
 local function cols(text)
   local c = { {}, {}, {}, {}, {} }
-  for l in text:gmatch("[^
-]+") do local i = 0 for v in l:gmatch("%S+") do i = i + 1 c[i][#c[i] + 1] = tonumber(v) end end
+  for l in text:gmatch("[^\n]+") do local i = 0 for v in l:gmatch("%S+") do i = i + 1 c[i][#c[i] + 1] = tonumber(v) end end
   return c
 end
 local lo, la = cols(arg[8]), cols(arg[9])
