@@ -22,17 +22,21 @@ QPS_SECS=${BENCH_QPS_SECS:-8}     # seconds of work at each --qps cap
 ONE_REPEAT=${BENCH_ONE_REPEAT:-3} # rounds of the one-call comparisons (loopback, 20 ms a call)
 NEW_ROWS=$((ROWS * 2 + 250 * QPS_SECS + ROWS * 4 * ONE_REPEAT))
 TOTAL=$((ROWS * 6 * REPEAT + CURL_ROWS + sum_mem + 110))     # every run replaces its own range
-lua5.4 - "$OUT/sim.json" "$TOTAL" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
+# sim_config PATH N: a simulator config with devices OLD-0000001 … OLD-N (assetIds A…), the bench's app
+sim_config() {
+lua5.4 - "$1" "$2" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
 local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
 local f = assert(io.open(path, "w"))
 f:write(('{"apps":[{"access_key":"%s","secret_key":"%s","public_key_file":"%s"}],'):format(ak, sk, pub))
-f:write(('"max_devices_per_product":%d,"state_dict_mb":%d,"log_size":100,"devices":['):format(n + 10, math.ceil(n / 600) + 64))
+f:write(('"max_devices_per_product":%d,"state_dict_mb":%d,"log_size":100,"devices":['):format(n + 10, math.ceil(n / 300) + 64))
 for i = 1, n do
   f:write(i > 1 and "," or "", ('{"productKey":"pk_demo","deviceKey":"OLD-%07d","assetId":"A%07d"}'):format(i, i))
 end
 f:write("]}")
 f:close()
 LUA
+}
+sim_config "$OUT/sim.json" "$TOTAL"
 
 echo "bench: starting enos-sim with $TOTAL devices (2 workers) …"
 info=$(bin/enos-sim start --config "$OUT/sim.json" --workers 2 --no-access-log --json)
@@ -212,17 +216,7 @@ printf '| one client:replace_device on loopback, p50/p99 | %s / %s ms | (keep-al
 # Gateway calls per device and the throughput that follows (one replace per device: the goals of the second
 # fleet design). The floor here is the C client on libcurl's socket API sending one replaceDevice per device.
 # (a simulator of its own, with just the devices these runs replace)
-lua5.4 - "$OUT/sim2.json" "$NEW_ROWS" "$AK" "$SK" "$OUT/app.pub" <<'LUA'
-local path, n, ak, sk, pub = arg[1], tonumber(arg[2]), arg[3], arg[4], arg[5]
-local f = assert(io.open(path, "w"))
-f:write(('{"apps":[{"access_key":"%s","secret_key":"%s","public_key_file":"%s"}],'):format(ak, sk, pub))
-f:write(('"max_devices_per_product":%d,"state_dict_mb":%d,"log_size":100,"devices":['):format(n + 10, math.ceil(n / 300) + 64))
-for i = 1, n do
-  f:write(i > 1 and "," or "", ('{"productKey":"pk_demo","deviceKey":"OLD-%07d","assetId":"A%07d"}'):format(i, i))
-end
-f:write("]}")
-f:close()
-LUA
+sim_config "$OUT/sim2.json" "$NEW_ROWS"
 bin/enos-sim stop --prefix "$PREFIX" --clean >/dev/null 2>&1 || true
 info=$(bin/enos-sim start --config "$OUT/sim2.json" --workers 2 --no-access-log --json)
 URL=$(echo "$info" | lua5.4 -e 'print(require("cjson").decode(io.read("a")).url)')

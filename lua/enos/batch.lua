@@ -160,6 +160,21 @@ function M.check(plan, opts)
   return res, err
 end
 
+--- The check as a gate: the check's result when the plan has no error, else nil and an `invalid_argument`
+-- error naming the first one (err.check holds them all).
+function M.checked(plan, opts)
+  local chk, cerr = M.check(plan, opts)
+  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
+  if chk.error_count > 0 then
+    local first = chk.errors[1]
+    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
+      :format(chk.error_count, first.line, first.message))
+    e.check = chk
+    return nil, e
+  end
+  return chk
+end
+
 -- ---------------------------------------------------------------- resume: the journal against its plan
 
 --- Checks, before anything is sent, that a journal being resumed belongs to this plan: the plan's fingerprint
@@ -398,15 +413,8 @@ end
 -- The run, once the options and the files are checked. plan: the snapshot's path or an iterator factory.
 function M._run_checked(client, plan, o, src, jpath, rpath)
   -- 1. Check the whole plan before the first request.
-  local chk, cerr = M.check(plan, { format = src.format or o.plan_format })
-  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
-  if chk.error_count > 0 then
-    local first = chk.errors[1]
-    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
-      :format(chk.error_count, first.line, first.message))
-    e.check = chk
-    return nil, e
-  end
+  local chk, cerr = M.checked(plan, { format = src.format or o.plan_format })
+  if not chk then return nil, cerr end
 
   collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
 

@@ -23,15 +23,8 @@ end
 -- notes = {{line, message}…} (gateways), gateways, calls, searches, gets, halvings} | nil, err.
 function M.run(client, plan, opts)
   opts = opts or {}
-  local chk, cerr = plan_mod.check(plan, opts.format)
-  if not chk then return nil, errors.new("invalid_argument", tostring(cerr)) end
-  if chk.error_count > 0 then
-    local first = chk.errors[1]
-    local e = errors.new("invalid_argument", ("the plan has %d error(s); nothing was sent. Line %d: %s")
-      :format(chk.error_count, first.line, first.message))
-    e.check = chk
-    return nil, e
-  end
+  local chk, cerr = require("enos.batch").checked(plan, { format = opts.format })
+  if not chk then return nil, cerr end
   local report = { rows = 0, ok = 0, problems = {}, problem_count = 0, gateways = 0, notes = {},
     calls = 0, searches = 0, gets = 0, halvings = 0 }
   local function problem(line, kind, message)

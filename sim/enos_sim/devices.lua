@@ -190,10 +190,7 @@ local function indexed(conds)
   else
     return nil
   end
-  table.sort(list, function(a, b)
-    if a.createTime ~= b.createTime then return (a.createTime or 0) < (b.createTime or 0) end
-    return a.assetId < b.assetId
-  end)
+  table.sort(list, store.by_creation)
   return list
 end
 

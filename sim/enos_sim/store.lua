@@ -34,6 +34,12 @@ function M.drop_key(product_key, device_key)
   state:delete("k:" .. product_key .. "/" .. device_key)
 end
 
+--- The order of listings: by createTime, then assetId (stable pagination).
+function M.by_creation(a, b)
+  if a.createTime ~= b.createTime then return (a.createTime or 0) < (b.createTime or 0) end
+  return a.assetId < b.assetId
+end
+
 --- Every device, sorted by createTime then assetId (stable pagination).
 function M.all()
   local list = {}
@@ -43,10 +49,7 @@ function M.all()
       if s then list[#list + 1] = cjson.decode(s) end
     end
   end
-  table.sort(list, function(a, b)
-    if a.createTime ~= b.createTime then return (a.createTime or 0) < (b.createTime or 0) end
-    return a.assetId < b.assetId
-  end)
+  table.sort(list, M.by_creation)
   return list
 end
 
