@@ -163,7 +163,7 @@ function J:append(rec)
 end
 
 --- Writes everything buffered without waiting for the disk; self.written is the last record written.
--- Make it durable with flush(), or with an fsync of self.f elsewhere (then set synced).
+-- Make it durable with flush(), or with an fsync of self.f elsewhere (then mark_synced).
 function J:write()
   if #self.buf == 0 then return true end
   local data = table.concat(self.buf)
@@ -186,6 +186,18 @@ function J:flush()
   self.synced = upto
   self.fsyncs = self.fsyncs + 1
   return true
+end
+
+--- Records that everything up to record `upto` is durable (an fsync of self.f done elsewhere: the batch's
+-- group commit fsyncs in a worker thread).
+function J:mark_synced(upto)
+  if upto > self.synced then self.synced = upto end
+  self.fsyncs = self.fsyncs + 1
+end
+
+--- Whether record `seq` (append's number) is durable.
+function J:durable(seq)
+  return self.synced >= seq
 end
 
 function J:close()

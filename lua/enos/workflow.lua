@@ -8,6 +8,7 @@ local core = require "enos.core"
 local errors = require "enos.errors"
 local json = require "enos.json"
 local client_mod = require "enos.client"
+local reconcile = require "enos.reconcile"
 
 -- (enos.plan requires enos.client only, so this does not loop)
 local plan_utf8 = json.valid_utf8
@@ -478,15 +479,7 @@ end
 --- Whether a replace result (or a device read with requireSecret) holds the new secret as the caller asked
 -- for it: a non-empty clear secret on V2.1 or when a private key is loaded; else, when the secret was
 -- requested, a complete encrypted pair; nothing when it was not requested.
-function M.secret_in_hand(client, require_secret, new)
-  if not new then return false end
-  local clear = type(new.deviceSecret) == "string" and new.deviceSecret ~= ""
-  if client.api_version == "v2.1" or (require_secret and client:has_private_key()) then return clear end
-  if not require_secret then return true end
-  local e = new.encrypted
-  return type(e) == "table" and type(e.deviceSecret) == "string" and e.deviceSecret ~= ""
-    and type(e.sessionKey) == "string" and e.sessionKey ~= ""
-end
+M.secret_in_hand = reconcile.secret_in_hand
 
 --- The key proof: `dev` was read with requireSecret by a client with a private key. Returns nil when its
 -- current secret decrypted, else a `config` error saying the key does not match the application's.
@@ -639,7 +632,10 @@ local function read_back(ctx, client, target, old_key)
   local dev, err = ctx:read(function()
     return client:get_device { assetId = ctx.asset.assetId, orgId = target.orgId, requireSecret = want_secret }
   end)
-  if dev and dev.assetId ~= ctx.asset.assetId then
+  -- (judged as a batch's resume judges its rows: enos.reconcile)
+  local state = dev and reconcile.judge(dev, { assetId = ctx.asset.assetId, newDeviceKey = target.newDeviceKey,
+    old_key = old_key })
+  if state == "other" then
     err = errors.new("protocol", "the read-back of asset " .. ctx.asset.assetId .. " answered with asset " ..
       tostring(dev.assetId))
     dev = nil
@@ -648,15 +644,10 @@ local function read_back(ctx, client, target, old_key)
     ctx:finish(s, "failed", "read-back failed: " .. tostring(err))
     return "unreadable", err
   end
-  if dev.deviceKey == target.newDeviceKey then
-    ctx:finish(s, "replaced", "device already has the new key " .. target.newDeviceKey)
-    return "replaced", dev
-  elseif dev.deviceKey == old_key then
-    ctx:finish(s, "unchanged", "device still has key " .. tostring(old_key))
-    return "unchanged", dev
-  end
-  ctx:finish(s, "elsewhere", "device key is now " .. tostring(dev.deviceKey))
-  return "elsewhere", dev
+  ctx:finish(s, state, state == "replaced" and "device already has the new key " .. target.newDeviceKey
+    or state == "unchanged" and "device still has key " .. tostring(old_key)
+    or "device key is now " .. tostring(dev.deviceKey))
+  return state, dev
 end
 
 local function result_of(r, reconciled)

@@ -1,0 +1,196 @@
+--- The batch's outputs: the credentials file (the new secrets: 0600, written as rows finish, never twice
+-- for one new key) and the results file (one line per row: its outcome, its error). Both are CSV or JSON
+-- Lines, append-only, buffered, and written in the batch's group commits; each keeps the plan's extra
+-- columns.
+-- @module enos.batch.outputs
+local core = require "enos.core"
+local json = require "enos.json"
+local plan_mod = require "enos.plan"
+local journal_mod = require "enos.journal"
+
+local M = {}
+
+M.CREDENTIAL_COLUMNS = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret",
+  "sessionKey", "outcome" }
+M.RESULT_COLUMNS = { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind", "error_code", "message" }
+
+--- The format of an output: the one given, else by its name (.jsonl, .ndjson), else CSV.
+function M.format_of(path, given)
+  if given then return given end
+  if path and (path:match("%.jsonl$") or path:match("%.ndjson$")) then return "jsonl" end
+  return "csv"
+end
+
+local Out = {}
+Out.__index = Out
+
+-- An append-only output (credentials or results), 0600, buffered and flushed in groups.
+local function open_out(path, columns, format, resume)
+  local f, created = core.open_file(path, resume and "append" or "excl")
+  if not f then
+    local err = created
+    if not resume and err and err:find("File exists", 1, true) then
+      err = path .. " already exists: choose another file, or --resume the batch that wrote it"
+    end
+    return nil, err
+  end
+  local self = setmetatable({ path = path, f = f, buf = {}, columns = columns, format = format }, Out)
+  if format == "csv" and (created or not resume) then
+    local names = {}
+    for _, c in ipairs(columns) do names[c] = c end
+    self.buf[1] = core.csv_row(names, columns)          -- the header: each column its own name
+  end
+  return self
+end
+
+function Out:add(rec)
+  if self.format == "jsonl" then
+    self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
+  else
+    -- quoted when needed; a cell a spreadsheet would evaluate (= + @ -…) gets a leading '
+    self.buf[#self.buf + 1] = core.csv_row(rec, self.columns)
+  end
+end
+
+-- Writes what is buffered (made durable by the batch's group commit, and at close).
+function Out:flush()
+  if #self.buf == 0 then return true end
+  local data = table.concat(self.buf)
+  self.buf = {}
+  return self.f:write(data)
+end
+
+function Out:close()
+  if self.f then
+    self:flush()
+    self.f:sync()
+    self.f:close()
+    self.f = nil
+  end
+end
+
+--- New keys already present in a credentials file (to not write a row twice on resume): set of keys.
+function M.keys_in(path, format)
+  local present = {}
+  local f = io.open(path, "rb")
+  if not f then return present end
+  local header
+  for line in f:lines() do
+    if format == "jsonl" then
+      local r = json.decode(line)
+      if type(r) == "table" and r.deviceKey then present[r.deviceKey] = true end
+    else
+      local cells = plan_mod.split_csv(line)
+      if cells then
+        if not header then
+          header = { n = #cells }
+          for i, c in ipairs(cells) do header[c] = i end
+        elseif header.deviceKey and #cells == header.n and cells[header.deviceKey] then
+          present[cells[header.deviceKey]] = true
+        end
+      end
+    end
+  end
+  f:close()
+  return present
+end
+
+
+--- On resume: a credentials or results line cut by a crash or a full disk is set aside and cut, so that its
+-- row is written again (from the journal) instead of counting as delivered, and nothing glues to it.
+-- Returns the notes to warn with | nil, err.
+function M.repair(paths)
+  local notes = {}
+  for _, out in ipairs(paths) do
+    if out[1] then
+      local note, rerr = journal_mod.repair(out[1], { label = out[2], keep_whole = false })
+      if rerr then return nil, "cannot repair " .. out[1] .. ": " .. tostring(rerr) end
+      if note then notes[#notes + 1] = note end
+    end
+  end
+  return notes
+end
+
+local Outputs = {}
+Outputs.__index = Outputs
+
+--- Opens the outputs. opts: out (credentials path, or nil), format (its format), results (path),
+-- extra_columns (the plan's), resume, present (new keys the credentials file already holds).
+-- @treturn table outputs | nil, err
+function M.open(opts)
+  local self = setmetatable({ present = opts.present or {}, cred_only = false, names = {} }, Outputs)
+  local extra = opts.extra_columns or {}
+  local function cols(base)
+    local c = {}
+    for _, x in ipairs(base) do c[#c + 1] = x end
+    for _, x in ipairs(extra) do c[#c + 1] = x end
+    return c
+  end
+  if opts.out then
+    local r, err = open_out(opts.out, cols(M.CREDENTIAL_COLUMNS), M.format_of(opts.out, opts.format), opts.resume)
+    if not r then return nil, err end
+    self.cred = r
+  end
+  local r, err = open_out(opts.results, cols(M.RESULT_COLUMNS), M.format_of(opts.results), opts.resume)
+  if not r then self:close() return nil, err end
+  self.results = r
+  return self
+end
+
+--- Delivers a row's new credentials (once per new key).
+function Outputs:deliver(row, new, outcome)
+  if not self.cred or self.present[new.deviceKey] then return end
+  local enc = new.encrypted or {}
+  local rec = {}
+  for k, v in pairs(row.extra or {}) do rec[k] = v end
+  rec.line, rec.assetId, rec.productKey, rec.deviceKey = row.line, new.assetId, new.productKey, new.deviceKey
+  rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
+  if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
+  self.cred:add(rec)
+  -- a secret the journal does not hold (a clear one with no encrypted pair: V2.1) must be on disk before the
+  -- journal says done: the next group commit fsyncs the credentials file too
+  if rec.deviceSecret and not new.encrypted then self.cred_only = true end
+end
+
+--- Whether the credentials file was given and already holds this new key.
+function Outputs:delivered(new_key)
+  return self.cred == nil or self.present[new_key] == true
+end
+
+--- Writes a row's result line.
+function Outputs:result(row, outcome, assetId, e)
+  local t = row.target
+  local rec = {}
+  for k, v in pairs(row.extra or {}) do rec[k] = v end
+  rec.line, rec.target = row.line, t.assetId or (t.productKey .. "/" .. t.deviceKey)
+  rec.newDeviceKey, rec.assetId, rec.outcome = t.newDeviceKey, assetId, outcome
+  rec.error_kind, rec.error_code, rec.message = e and e.kind, e and e.code, e and e.message
+  self.results:add(rec)
+end
+
+--- Writes what is buffered. Returns true | nil, what (the file that could not be written), err.
+function Outputs:write()
+  if self.cred then
+    local ok, err = self.cred:flush()
+    if not ok then return nil, "credentials file " .. self.cred.path, err end
+  end
+  local ok, err = self.results:flush()            -- a report: written as rows finish, fsynced at the end
+  if not ok then return nil, "results file " .. self.results.path, err end
+  return true
+end
+
+--- The credentials file to fsync with the journal's next group, when it holds a secret the journal does not
+-- (then the flag is cleared); else nil.
+function Outputs:take_sync()
+  if not (self.cred and self.cred_only) then return nil end
+  self.cred_only = false
+  return self.cred.f
+end
+
+--- Writes, fsyncs and closes both files.
+function Outputs:close()
+  if self.cred then self.cred:close() end
+  if self.results then self.results:close() end
+end
+
+return M
