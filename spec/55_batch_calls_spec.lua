@@ -94,4 +94,51 @@ describe("batch gateway calls", function()
     assert.is_nil(warned)
     for i = 1, 40 do assert.equal(("R3-%05d"):format(i), h:device(("A%07d"):format(i)).deviceKey) end
   end)
+  it("a resume of 1,000 rows a crash left in flight, half of them applied: reconciled a window at a time", function()
+    local plan_mod = require "enos.plan"
+    -- rows 1001-1500 were replaced by the batch that crashed; 1501-2000 had not left yet
+    local applied = plan("applied", 1001, 1500, "R2", "R4")
+    assert.equal(500, assert(batch.run(client(), applied, { concurrency = 32, journal = dir .. "/japplied",
+      settle_ms = 50 })).done)
+    -- the crashed batch's journal: every row "sending" (its record durable, its reply never seen)
+    local p = plan("inflight", 1001, 2000, "R2", "R4")
+    local fp = assert(plan_mod.snapshot(p))
+    os.remove(fp.path)
+    local lines = { cjson.encode { t = "batch", plan = p, rows = 1000, plan_size = fp.size, plan_sha256 = fp.sha256 } }
+    local reader = assert(plan_mod.open(p))
+    local ts = math.floor(require("enos.core").now_ms()) - 60000
+    for row in reader:rows() do
+      local t = assert(plan_mod.check_row(row.fields))
+      local i = tonumber(t.deviceKey:match("%d+$"))
+      lines[#lines + 1] = cjson.encode { key = plan_mod.target_key(t), line = row.line, state = "sending",
+        assetId = ("A%07d"):format(i), newDeviceKey = t.newDeviceKey, timeout = 1, ts = ts }
+    end
+    reader:close()
+    H.writefile(dir .. "/jinflight", table.concat(lines, "\n") .. "\n", "600")
+
+    local _, since = h:log()
+    local s = assert(batch.run(client(), p, { concurrency = 32, journal = dir .. "/jinflight", resume = true,
+      out = dir .. "/cinflight.csv", require_secret = true, settle_ms = 50 }))
+    assert.equal(1000, s.done)
+    assert.equal(500, s.reconciled)
+    assert.equal(500, s.replaced)
+    local by = ops(h, since)
+    assert.equal(500, by.replaceDevice)
+    -- ten windows of read-backs, five of preflight reads, five of verification, and the key proof (at most
+    -- three plan rows, read by their old keys: gone for the applied ones); no lone read of an in-flight row
+    -- (before: one Get Device each, 1,000)
+    assert.is_true((by.get or 0) <= 3, "lone reads: " .. cjson.encode(by))
+    assert.is_true(by.search <= 25, "searches: " .. cjson.encode(by))
+    -- every secret in hand, the platform's
+    local n = 0
+    for line in io.lines(dir .. "/cinflight.csv") do
+      local cells = plan_mod.split_csv(line)
+      if cells[1] ~= "line" then
+        n = n + 1
+        assert.equal(h:device(cells[2]).deviceSecret, cells[5])
+        assert.equal(cells[2] <= "A0001500" and "reconciled" or "replaced", cells[8])
+      end
+    end
+    assert.equal(1000, n)
+  end)
 end)

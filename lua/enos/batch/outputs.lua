@@ -147,6 +147,7 @@ function Outputs:deliver(row, new, outcome)
   rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
   if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
   self.cred:add(rec)
+  self.present[new.deviceKey] = true
   -- a secret the journal does not hold (a clear one with no encrypted pair: V2.1) must be on disk before the
   -- journal says done: the next group commit fsyncs the credentials file too
   if rec.deviceSecret and not new.encrypted then self.cred_only = true end
