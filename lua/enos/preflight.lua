@@ -7,6 +7,7 @@
 local plan_mod = require "enos.plan"
 local bulk = require "enos.bulk"
 local errors = require "enos.errors"
+local workflow = require "enos.workflow"
 
 local M = {}
 
@@ -60,15 +61,9 @@ function M.run(client, plan, opts)
         problem(r.line, "invalid_argument", "the same device as line " .. asset_line[d.assetId] .. " (asset " ..
           tostring(d.assetId) .. ", named another way)")
         bad[k] = true
-      elseif d.status == "disable" then
-        problem(r.line, "conflict", "device " .. tostring(d.assetId) .. " is disabled; enable it before replacing it")
-        bad[k] = true
-      elseif d.status == "mirror" then
-        problem(r.line, "conflict", "device " .. tostring(d.assetId) .. " is a mirror device; replace it in its source OU")
-        bad[k] = true
-      elseif d.deviceKey == t.newDeviceKey then
-        problem(r.line, "invalid_argument", "device " .. tostring(d.assetId) .. " has the key " .. t.newDeviceKey ..
-          " already (replaced before?)")
+      elseif workflow.device_problem(d, t) then
+        local kind, msg = workflow.device_problem(d, t)       -- (the checks the workflow's preflight makes)
+        problem(r.line, kind, msg)
         bad[k] = true
       else
         asset_line[d.assetId] = r.line

@@ -481,6 +481,19 @@ end
 -- requested, a complete encrypted pair; nothing when it was not requested.
 M.secret_in_hand = reconcile.secret_in_hand
 
+--- Why the device read for `target` cannot be replaced as asked (the checks a preflight makes, for one row
+-- or a window of them): kind, message, fields | nil.
+function M.device_problem(dev, target)
+  if dev.status == "disable" then
+    return "conflict", "device " .. tostring(dev.assetId) .. " is disabled; enable it before replacing it"
+  elseif dev.status == "mirror" then
+    return "conflict", "device " .. tostring(dev.assetId) .. " is a mirror device; replace it in its source OU"
+  elseif dev.deviceKey == target.newDeviceKey then
+    return "invalid_argument", "newDeviceKey " .. target.newDeviceKey .. " equals the current deviceKey of " ..
+      "device " .. tostring(dev.assetId) .. " (replaced before? EnOS would answer 11704)", { field = "newDeviceKey" }
+  end
+end
+
 --- The key proof: `dev` was read with requireSecret by a client with a private key. Returns nil when its
 -- current secret decrypted, else a `config` error saying the key does not match the application's.
 function M.key_proof_error(dev)
@@ -561,15 +574,8 @@ local function preflight(ctx, client, target, known)
     ctx:finish(s, "refused", msg)
     return nil, e
   end
-  if dev.status == "disable" then
-    return refuse("conflict", "device " .. dev.assetId .. " is disabled; enable it before replacing it")
-  elseif dev.status == "mirror" then
-    return refuse("conflict", "device " .. dev.assetId .. " is a mirror device; replace it in its source OU")
-  end
-  if dev.deviceKey == target.newDeviceKey then
-    return refuse("invalid_argument", "newDeviceKey " .. target.newDeviceKey ..
-      " equals the current deviceKey (EnOS would answer 11704)", { field = "newDeviceKey" })
-  end
+  local pkind, pmsg, pfields = M.device_problem(dev, target)
+  if pkind then return refuse(pkind, pmsg, pfields) end
   if o.check_free then
     local expr = string.format("productKey = '%s' and deviceKey = '%s'", dev.productKey, target.newDeviceKey)
     local list, serr = ctx:read(function()
