@@ -1,4 +1,6 @@
 /* enos.core entry point: only luaopen_enos_core lives here. */
+#include <errno.h>
+#include <string.h>
 #include <time.h>
 #include <openssl/crypto.h>
 #include <curl/curl.h>
@@ -39,7 +41,27 @@ static int l_monotonic_ms(lua_State *L) {
   return 1;
 }
 
+/* sleep(seconds): blocks the thread on the monotonic clock (restarted after a signal: the deadline holds).
+ * For tools and scripts; inside nginx, enos yields to ngx.sleep instead. */
+static int l_sleep(lua_State *L) {
+  lua_Number s = luaL_checknumber(L, 1);
+  struct timespec until;
+  double whole;
+  int rc;
+  luaL_argcheck(L, s == s && s < 1e9, 1, "a number of seconds expected");
+  if (s <= 0) return 0;
+  if (clock_gettime(CLOCK_MONOTONIC, &until) != 0) return luaL_error(L, "enos: clock_gettime failed");
+  whole = (double)(time_t)s;
+  until.tv_sec += (time_t)whole;
+  until.tv_nsec += (long)((s - whole) * 1e9);
+  if (until.tv_nsec >= 1000000000L) { until.tv_sec += 1; until.tv_nsec -= 1000000000L; }
+  do rc = clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &until, NULL); while (rc == EINTR);
+  if (rc != 0) return luaL_error(L, "enos: clock_nanosleep failed: %s", strerror(rc));
+  return 0;
+}
+
 static const luaL_Reg core_funcs[] = {
+  {"sleep", l_sleep},
   {"versions", l_versions},
   {"now_ms", l_now_ms},
   {"monotonic_ms", l_monotonic_ms},

@@ -178,7 +178,41 @@ static int l_stat(lua_State *L) {
   return 1;
 }
 
-/* rename_durable(from, to) -> true | nil, message: rename then fsync the directory */
+/* link_durable(from, to) -> true | nil, message, errno: a hard link (fails when `to` exists: the no-clobber
+ * publication of a file written under a temporary name), then fsync of the directory */
+static int l_link_durable(lua_State *L) {
+  const char *from = luaL_checkstring(L, 1), *to = luaL_checkstring(L, 2);
+  if (link(from, to) != 0) return push_errno(L, "cannot create", to);
+  if (sync_dir_of(to) != 0) return push_errno(L, "cannot sync the directory of", to);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* access(path, how) -> true | nil, message, errno. how: "r", "w", "x", "rw", ... (for "can I create files
+ * in this directory", without creating one) */
+static int l_access(lua_State *L) {
+  const char *path = luaL_checkstring(L, 1), *how = luaL_optstring(L, 2, "r");
+  int mode = 0;
+  for (; *how; how++) {
+    if (*how == 'r') mode |= R_OK;
+    else if (*how == 'w') mode |= W_OK;
+    else if (*how == 'x') mode |= X_OK;
+    else return luaL_argerror(L, 2, "expected letters among r, w, x");
+  }
+  if (access(path, mode == 0 ? F_OK : mode) != 0) return push_errno(L, "cannot access", path);
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* isatty(fd) -> boolean: whether descriptor 0, 1 or 2 is a terminal */
+static int l_isatty(lua_State *L) {
+  lua_Integer fd = luaL_checkinteger(L, 1);
+  luaL_argcheck(L, fd >= 0 && fd <= 2, 1, "0, 1 or 2 expected");
+  lua_pushboolean(L, isatty((int)fd) == 1);
+  return 1;
+}
+
+/* rename_durable(from, to) -> true | nil, message: rename (replacing `to`) then fsync the directory */
 static int l_rename_durable(lua_State *L) {
   const char *from = luaL_checkstring(L, 1), *to = luaL_checkstring(L, 2);
   if (rename(from, to) != 0) return push_errno(L, "cannot rename to", to);
@@ -199,6 +233,9 @@ static const luaL_Reg file_funcs[] = {
   {"open_file", l_open_file},
   {"file_mode", l_file_mode},
   {"rename_durable", l_rename_durable},
+  {"link_durable", l_link_durable},
+  {"access", l_access},
+  {"isatty", l_isatty},
   {"stat", l_stat},
   {NULL, NULL}
 };

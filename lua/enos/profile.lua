@@ -25,10 +25,6 @@ local BY_NAME = {}
 for _, s in ipairs(M.SETTINGS) do BY_NAME[s.name] = s end
 M.BY_NAME = BY_NAME
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
 local function getter(env)
   if type(env) == "function" then return env end
   if type(env) == "table" then return function(k) return env[k] end end
@@ -118,11 +114,8 @@ end
 
 --- The permission bits of a file as an octal string ("600"), or nil.
 function M.file_mode(path)
-  local p = io.popen("stat -c %a " .. shell_quote(path) .. " 2>/dev/null")
-  if not p then return nil end
-  local s = p:read("*l")
-  p:close()
-  return s and s:match("^%d+$") and s or nil
+  local st = require("enos.core").stat(path)
+  return st and ("%o"):format(st.mode) or nil
 end
 
 --- True when the mode string gives group or others any access.

@@ -52,27 +52,13 @@ local function default_sleep(seconds)
   -- inside nginx, a blocking sleep would stall the worker: yield to it instead
   local ngx_ok, enos_ngx = pcall(require, "enos.ngx")
   if ngx_ok and enos_ngx.in_nginx() and enos_ngx.check_phase() then return enos_ngx.sleep(seconds) end
-  local ok, socket = pcall(require, "socket")
-  if ok and socket.sleep then return socket.sleep(seconds) end
-  os.execute(string.format("sleep %.3f", seconds))
+  core.sleep(seconds)                   -- (monotonic, no shell)
 end
 M.default_sleep = default_sleep
 
-local function shell_quote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
--- os.execute differs between 5.1/LuaJIT (a number) and 5.2+ (true|nil, how, code).
-local function run(cmd)
-  local a = os.execute(cmd)
-  if type(a) == "number" then return a == 0 end
-  return a == true
-end
-
+-- Whether anything is at path (a dangling symlink too), without opening it (a FIFO's open would block).
 local function exists(path)
-  local f = io.open(path, "rb")
-  if f then f:close() return true end
-  return run("test -e " .. shell_quote(path) .. " -o -L " .. shell_quote(path))
+  return core.stat(path, true) ~= nil
 end
 
 local function copy_fields(src, names)
@@ -410,9 +396,13 @@ local function tmp_name(path)
   return dir .. "/." .. base .. ".tmp-" .. rnd
 end
 
--- Creates an empty file only readable by its owner, failing when it exists (umask 077 + noclobber).
+-- Creates an empty file only readable by its owner, failing when anything is there (O_EXCL, 0600).
+-- Returns true | nil, the OS's reason.
 local function create_private(path)
-  return run("umask 077 && set -C && { : > " .. shell_quote(path) .. "; } 2>/dev/null")
+  local f, err = core.open_file(path, "excl")
+  if not f then return nil, err end
+  f:close()
+  return true
 end
 
 --- Checks that `path` could be written: refuses an existing file unless overwrite, and a directory
@@ -427,12 +417,11 @@ function M.check_writable(path, overwrite)
     return nil, errors.arg("out", "output file " .. path .. " exists; refusing to overwrite it (use overwrite)")
   end
   local probe = tmp_name(path)
-  if not create_private(probe) then
-    local dir = split_path(path)
+  local ok, oserr = create_private(probe)
+  if not ok then
     -- the OS's own reason (a missing directory, permission, a name too long), not a guess
-    local f, oserr = io.open(probe, "wb")
-    if f then f:close() os.remove(probe) end
-    return nil, errors.arg("out", "cannot create files in " .. dir .. (oserr and (": " .. oserr:gsub("^[^:]*: ", "")) or ""))
+    return nil, errors.arg("out", "cannot create files in " .. split_path(path) .. ": " ..
+      tostring(oserr):gsub("^cannot open .*: ", ""))
   end
   os.remove(probe)
   return true
@@ -441,34 +430,36 @@ end
 --- Writes content to path with mode 0600: a private temp file in the same directory, then a hard
 -- link (fails when path exists: O_EXCL semantics) or, with overwrite, a rename. Returns true | nil, err.
 function M.write_private(path, content, overwrite)
-  local tmp
+  local tmp, f, ferr
   for _ = 1, 5 do
-    local cand = tmp_name(path)
-    if create_private(cand) then tmp = cand break end
+    tmp = tmp_name(path)
+    f, ferr = core.open_file(tmp, "excl")             -- 0600, never an existing file
+    if f then break end
   end
-  if not tmp then
-    return nil, errors.arg("out", "cannot create a temporary file next to " .. path)
+  if not f then
+    return nil, errors.arg("out", "cannot create a temporary file next to " .. path .. ": " ..
+      tostring(ferr):gsub("^cannot open .*: ", ""))
   end
-  local f, ferr = io.open(tmp, "wb")
-  if not f then os.remove(tmp) return nil, errors.arg("out", "cannot open " .. tmp .. ": " .. tostring(ferr)) end
   local ok, werr = f:write(content)
-  local cok, cerr = f:close()
-  if not ok or not cok then
+  if ok then ok, werr = f:sync() end
+  f:close()
+  if not ok then
     os.remove(tmp)
-    return nil, errors.arg("out", "cannot write " .. tmp .. ": " .. tostring(werr or cerr))
+    return nil, errors.arg("out", "cannot write " .. tmp .. ": " .. tostring(werr))
   end
-  run("chmod 600 " .. shell_quote(tmp) .. " && sync " .. shell_quote(tmp) .. " 2>/dev/null")
   if overwrite then
-    local rok, rerr = os.rename(tmp, path)
+    local rok, rerr = core.rename_durable(tmp, path)
     if not rok then
       os.remove(tmp)
       return nil, errors.arg("out", "cannot rename into " .. path .. ": " .. tostring(rerr))
     end
   else
-    local linked = run("ln -- " .. shell_quote(tmp) .. " " .. shell_quote(path) .. " 2>/dev/null")
+    -- a hard link publishes the whole file, and fails when path exists (O_EXCL semantics)
+    local lok, lerr = core.link_durable(tmp, path)
     os.remove(tmp)
-    if not linked then
-      return nil, errors.arg("out", "output file " .. path .. " exists (or cannot be created); not overwritten")
+    if not lok then
+      return nil, errors.arg("out", (tostring(lerr):find("File exists", 1, true) and
+        "output file " .. path .. " exists; not overwritten" or tostring(lerr)))
     end
   end
   return true

@@ -180,9 +180,8 @@ function run_plan(c, args, h, plan_path, plan_name)
     local function dir_ok(path)
       local dir = path:match("^(.*)/[^/]*$") or "."
       if dir == "" then dir = "/" end
-      local q = "'" .. dir:gsub("'", "'\\''") .. "'"
-      local r = os.execute("test -d " .. q .. " -a -w " .. q)
-      return r == true or r == 0
+      local st = core.stat(dir)
+      return st ~= nil and st.type == "directory" and core.access(dir, "w") == true
     end
     local journal = args.journal or (plan_path .. ".journal")
     local results = args.results or (journal:gsub("%.journal$", "") .. ".results.csv")

@@ -6,6 +6,7 @@
 --   and for tests sleep, clock, client_options (merged into the client options).
 -- @module enos.cli
 local argparse = require "argparse"
+local core = require "enos.core"
 local enos = require "enos"
 local client_mod = require "enos.client"
 local errors = require "enos.errors"
@@ -639,22 +640,15 @@ function M.main(ctx)
   return EXIT.aborted
 end
 
--- os.execute differs between 5.1/LuaJIT and 5.2+.
-local function shell_ok(cmd)
-  local a = os.execute(cmd)
-  if type(a) == "number" then return a == 0 end
-  return a == true
-end
-
 --- Entry point of bin/enos-replace: real stdio, environment and terminal check.
 function M.run_process(argv)
   -- a CI job's timeout (TERM) or a closed session (HUP) ends a command as Ctrl-C does: it says what it leaves
-  require("enos.core").interrupt_on { "TERM", "HUP" }
+  core.interrupt_on { "TERM", "HUP" }
   local list = {}
   for i = 1, #(argv or {}) do list[i] = argv[i] end
   local code = M.main {
     argv = list, env = os.getenv, stdout = io.stdout, stderr = io.stderr, stdin = io.stdin,
-    isatty = shell_ok("test -t 0"), stderr_tty = shell_ok("test -t 2"),
+    isatty = core.isatty(0), stderr_tty = core.isatty(2),
   }
   io.stdout:flush()
   io.stderr:flush()
