@@ -495,13 +495,68 @@ describe("prepare, request and the one-shot API", function()
     assert.matches("productKey=pk1", stub:api_requests()[1].url)
   end)
 
-  it("environment variables fill missing client options", function()
-    local config = require "enos.config"
-    local env = { ENOS_ENDPOINT = "https://e.example.com", ENOS_ORG_ID = "o9", ENOS_ACCESS_KEY = "ak" }
-    local o = config.with_env({ org_id = "explicit" }, function(k) return env[k] end)
-    assert.equal("https://e.example.com", o.endpoint)
-    assert.equal("explicit", o.org_id)
-    assert.equal("ak", o.access_key)
+  it("the one-shot replace asks for the secret when a private key is configured, and says when it has none", function()
+    local base = { endpoint = "https://gw.example.com", access_key = "ak", secret_key = "sk", org_id = "o1",
+      productKey = "pk1", deviceKey = "old-sn", newDeviceKey = "new-sn" }
+    local function with(extra)
+      local t = {}
+      for k, v in pairs(base) do t[k] = v end
+      for k, v in pairs(extra) do t[k] = v end
+      return t
+    end
+    local stub = H.stub(replace_ok)
+    local r = assert(enos.replace_device(with { transport = stub }))
+    assert.is_nil(stub:api_requests()[1].body:find("requireSecret", 1, true))
+    assert.matches("not fetched", r.note, 1, true)
+    local kp = H.keypair()
+    local sk, ds = H.encrypt_secret(kp.public_file, "the-new-secret-123")
+    stub = H.stub(function()
+      return H.envelope { assetId = "Nmw9npSq", productKey = "pk1", deviceKey = "new-sn", deviceSecret = ds,
+        sessionKey = sk }
+    end)
+    r = assert(enos.replace_device(with { transport = stub, private_key_file = kp.private_file }))
+    assert.truthy(stub:api_requests()[1].body:find('"requireSecret":true', 1, true))
+    assert.equal("the-new-secret-123", r.deviceSecret)
+    assert.is_nil(r.note)
+    stub = H.stub(function()
+      return H.envelope { assetId = "Nmw9npSq", productKey = "pk1", deviceKey = "new-sn", deviceSecret = ds,
+        sessionKey = "bm90IGEga2V5" }
+    end)
+    r = assert(enos.replace_device(with { transport = stub, private_key_file = kp.private_file }))
+    assert.matches("could not be decrypted", r.note, 1, true)
+    stub = H.stub(replace_ok)
+    r = assert(enos.replace_device(with { transport = stub, private_key_file = kp.private_file, requireSecret = false }))
+    assert.is_nil(stub:api_requests()[1].body:find("requireSecret", 1, true))
+    assert.matches("not fetched", r.note, 1, true)
+  end)
+
+  it("the one-shot API resolves options as the CLI does: given > environment > profile file > defaults", function()
+    local profile = require "enos.profile"
+    local dir = H.tmpdir()
+    H.writefile(dir .. "/config", "[default]\nendpoint = https://profile.example.com\naccess_key = pak\n" ..
+      "secret_key = psk\norg_id = oprofile\ntimeout = 7\n", "600")
+    local env = { ENOS_ENDPOINT = "https://e.example.com", ENOS_ORG_ID = "o9", ENOS_CONFIG = dir .. "/config",
+      ENOS_TIMEOUT = "12", ENOS_API_VERSION = "v2.1" }
+    local o = assert(profile.client_options({ org_id = "explicit" }, function(k) return env[k] end))
+    assert.equal("https://e.example.com", o.endpoint)          -- environment over the profile
+    assert.equal("explicit", o.org_id)                          -- given over the environment
+    assert.equal("pak", o.access_key)                           -- the profile fills what is left
+    assert.equal(12, o.timeout)                                 -- ENOS_TIMEOUT and ENOS_API_VERSION count here too
+    assert.equal("v2.1", o.api_version)
+    env.ENOS_TIMEOUT = "soon"
+    local bad, err = profile.client_options({}, function(k) return env[k] end)
+    assert.is_nil(bad)
+    assert.equal("config", err.kind)
+    assert.matches("timeout must be a positive number", err.message, 1, true)
+    -- and through enos.replace_device: a bad setting is refused before any request
+    local stub = H.stub(replace_ok)
+    local saved = os.getenv
+    os.getenv = function(k) return env[k] end          -- luacheck: ignore 122
+    local r, e2 = enos.replace_device { transport = stub, productKey = "pk1", deviceKey = "old-sn", newDeviceKey = "new-sn" }
+    os.getenv = saved                                  -- luacheck: ignore 122
+    assert.is_nil(r)
+    assert.matches("ENOS_TIMEOUT", e2.message, 1, true)
+    assert.equal(0, #stub:api_requests())
   end)
 
   it("versions names enos, Lua, libcurl and OpenSSL", function()

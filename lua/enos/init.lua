@@ -2,7 +2,7 @@
 -- @module enos
 local core = require "enos.core"
 local client = require "enos.client"
-local config = require "enos.config"
+local profile = require "enos.profile"
 local errors = require "enos.errors"
 local secret = require "enos.secret"
 
@@ -76,19 +76,37 @@ local function split(opts)
   for k, v in pairs(opts) do
     if client.OPTIONS[k] then copts[k] = v else params[k] = v end
   end
-  return config.with_env(copts), params
+  return copts, params
 end
 
 local function one_shot(method, opts)
   local copts, params = split(opts)
-  local c, err = client.new(copts)
+  local err
+  -- the options given, then the environment, then the profile file: the CLI's rule (enos.profile)
+  copts, err = profile.client_options(copts)
+  if not copts then return nil, err end
+  local c
+  c, err = client.new(copts)
   if not c then return nil, err end
+  if method == "replace_device" and params.requireSecret == nil and c.api_version ~= "v2.1" then
+    params.requireSecret = c:has_private_key()   -- a configured private key: the new secret is asked for
+  end
   local r, e = c[method](c, params)
   c:close()
+  if r and method == "replace_device" and r.deviceSecret == nil then
+    -- replaced, but no clear secret in hand: say so on the result (the caller must not think it has one)
+    r.note = r.err and ("the new deviceSecret could not be decrypted: " .. tostring(r.err.message or r.err) ..
+      "; the encrypted pair is in r.encrypted") or
+      (c.api_version ~= "v2.1" and not params.requireSecret and "the new deviceSecret was not fetched " ..
+        "(requireSecret off: no private key configured); read it later with Get Device requireSecret and the " ..
+        "application's private key") or "the reply carried no deviceSecret"
+  end
   return r, e
 end
 
---- One-shot Replace Device with options from the table and the environment.
+--- One-shot Replace Device with options from the table, the environment and the profile file. With a private
+-- key configured it asks for the new secret (requireSecret) unless told otherwise; a result without a clear
+-- deviceSecret carries `note` saying why.
 function enos.replace_device(opts) return one_shot("replace_device", opts) end
 
 --- One-shot Get Device with options from the table and the environment.

@@ -1,4 +1,5 @@
---- Configuration resolution for tools: flags > environment > profile file > defaults.
+--- Configuration, resolved one way for the CLI and the Lua API: explicit values (the CLI's flags, the options
+-- table given to `enos.replace_device` and friends) > environment > profile file > defaults.
 --
 -- The profile file (`$ENOS_CONFIG`, else `$XDG_CONFIG_HOME/enos/config`, else `$HOME/.config/enos/config`)
 -- is INI-style: `[name]` sections, `key = value` lines, `#` or `;` comment lines.
@@ -215,6 +216,27 @@ function M.resolve(p)
   end
   r.options = opts
   return r
+end
+
+--- The client options for a table of options given from Lua (the one-shot API): the table's own values, then
+-- the environment, then the profile file, then the defaults — the CLI's rule, by `resolve`. Options that are
+-- not settings (transport, private_key, ...) pass through. A private key given as PEM wins over any file.
+-- @tparam table opts client options (enos.client's names)
+-- @param env a table or a function (default os.getenv)
+-- @treturn table client options | nil, err (kind config: a bad profile file, a bad ENOS_TIMEOUT, ...)
+function M.client_options(opts, env)
+  opts = opts or {}
+  local flags = {}
+  for _, s in ipairs(M.SETTINGS) do
+    if opts[s.opt] ~= nil then flags[s.name] = opts[s.opt] end
+  end
+  local r, err = M.resolve { flags = flags, env = env }
+  if not r then return nil, err end
+  local out = {}
+  for k, v in pairs(opts) do out[k] = v end
+  for k, v in pairs(r.options) do if out[k] == nil then out[k] = v end end
+  if out.private_key ~= nil then out.private_key_file = nil end
+  return out
 end
 
 --- Names of required settings that are missing from a resolved configuration.
