@@ -5,6 +5,7 @@ local core = require "enos.core"
 local errors = require "enos.errors"
 local json = require "enos.json"
 local secret = require "enos.secret"
+local target_mod = require "enos.target"
 
 local M = {}
 
@@ -22,7 +23,6 @@ local TOKEN_GET = "/apim-token-service/v2.0/token/get"
 local TOKEN_REFRESH = "/apim-token-service/v2.0/token/refresh"
 local REFRESH_MARGIN_MS = 600 * 1000
 local JSON_CT = "application/json;charset=UTF-8"
-local KEY_PATTERN = "^[A-Za-z0-9_.%-]+$"
 
 local Client = {}
 Client.__index = Client
@@ -534,38 +534,17 @@ local function check_known(p, allowed, what)
   return true
 end
 
---- Validates a device key (the new key of a replace).
+--- Validates a device key (the new key of a replace): true | nil, err (enos.target's rule).
 function M.check_device_key(v, field)
-  field = field or "newDeviceKey"
-  if type(v) ~= "string" then
-    return nil, errors.arg(field, field .. " is required (a string of 4-64 letters, digits, '-', '_', '.')")
-  end
-  if #v < 4 or #v > 64 or not v:match(KEY_PATTERN) then
-    return nil, errors.arg(field, field .. " must be 4-64 characters of letters, digits, '-', '_' or '.'")
-  end
+  local why = target_mod.key_problem(v, field)
+  if why then return nil, errors.arg(field or "newDeviceKey", why) end
   return true
 end
 
--- Resolves {assetId} | {productKey, deviceKey} plus orgId into query fields.
+-- Resolves {assetId} | {productKey, deviceKey} plus orgId into query fields (checked by enos.target).
 function Client:_target(p, query)
-  local ok, err = check_string(p, "assetId", false, 64)
-  if not ok then return nil, err end
-  ok, err = check_string(p, "productKey", false, 64)
-  if not ok then return nil, err end
-  ok, err = check_string(p, "deviceKey", false, 64)
-  if not ok then return nil, err end
-  if p.assetId and (p.productKey or p.deviceKey) then
-    return nil, errors.arg("assetId", "give either assetId or productKey+deviceKey, not both")
-  end
-  if not p.assetId then
-    if not p.productKey and not p.deviceKey then
-      return nil, errors.arg("assetId", "assetId or productKey+deviceKey is required")
-    end
-    if not p.productKey then return nil, errors.arg("productKey", "productKey is required with deviceKey") end
-    if not p.deviceKey then return nil, errors.arg("deviceKey", "deviceKey is required with productKey") end
-  end
-  ok, err = check_string(p, "orgId", false, 64)
-  if not ok then return nil, err end
+  local t, why, field = target_mod.check(p, { new_key = false })
+  if not t then return nil, errors.arg(field, why) end
   local org = p.orgId or self.org_id
   if type(org) ~= "string" or org == "" then
     return nil, errors.arg("orgId", "orgId is required (set org_id on the client or orgId in the call)")
@@ -640,7 +619,7 @@ function CALLS.replace_device(self, p)
   if p.deviceKey and p.deviceKey == p.newDeviceKey then
     return nil, errors.arg("newDeviceKey", "newDeviceKey equals the current deviceKey (EnOS 11704)")
   end
-  -- (newDeviceKey matched KEY_PATTERN: nothing in it needs JSON escaping)
+  -- (newDeviceKey matched enos.target.KEY_PATTERN: nothing in it needs JSON escaping)
   local body = p.requireSecret and self.api_version ~= "v2.1"
     and '{"newDeviceKey":"' .. p.newDeviceKey .. '","requireSecret":true}'
     or '{"newDeviceKey":"' .. p.newDeviceKey .. '"}'

@@ -3,7 +3,7 @@
 -- @module enos.plan
 local core = require "enos.core"
 local json = require "enos.json"
-local client_mod = require "enos.client"
+local target_mod = require "enos.target"
 
 local M = {}
 
@@ -379,47 +379,12 @@ end
 --- True when UTF-8 text holds a character that is invisible or turns the text's direction (U+00AD, U+200B-200F,
 -- U+202A-202E, U+2060-2064, U+2066-2069, U+FEFF): an identifier with one looks like another, names no device,
 -- and reorders a terminal line it is printed in.
-function M.invisible(v)
-  return v:find("\194\173") or v:find("\226\128[\139-\143\170-\174]") or v:find("\226\129[\160-\164\166-\169]")
-    or v:find("\239\187\191") or nil
-end
+M.invisible = target_mod.invisible
 
---- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message.
-local ROW_FIELDS = { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" }
+--- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message,
+-- field (enos.target's rule, the one the client, the workflow and the CLI apply).
 function M.check_row(fields)
-  for _, k in ipairs(ROW_FIELDS) do
-    local v = fields[k]
-    if v ~= nil then
-      if type(v) ~= "string" then return nil, k .. " must be a string", k end
-      if v == "" then return nil, k .. " must not be empty", k end
-      if #v > 64 then return nil, k .. " is longer than 64 characters", k end
-      if v:find("[^ -~]") then               -- (the common case, printable ASCII, needs no more)
-        if v:find("[%z\1-\31\127]") then return nil, k .. " contains control characters", k end
-        if not valid_utf8(v) then return nil, k .. " is not valid UTF-8", k end
-        if M.invisible(v) then
-          return nil, k .. " contains an invisible or text-direction character (zero-width space, bidi " ..
-            "control, BOM, soft hyphen: a copy-paste?)", k
-        end
-      end
-    end
-  end
-  if fields.assetId and (fields.productKey or fields.deviceKey) then
-    return nil, "give either assetId or productKey+deviceKey, not both"
-  end
-  if not fields.assetId then
-    if not fields.productKey and not fields.deviceKey then return nil, "assetId or productKey+deviceKey is required" end
-    if not fields.productKey then return nil, "productKey is required with deviceKey" end
-    if not fields.deviceKey then return nil, "deviceKey is required with productKey" end
-  end
-  local ok, err = client_mod.check_device_key(fields.newDeviceKey)
-  if not ok then return nil, err.message end
-  if fields.deviceKey and fields.deviceKey == fields.newDeviceKey then
-    return nil, "newDeviceKey equals the current deviceKey"
-  end
-  return {
-    assetId = fields.assetId, productKey = fields.productKey, deviceKey = fields.deviceKey,
-    newDeviceKey = fields.newDeviceKey, orgId = fields.orgId,
-  }
+  return target_mod.check(fields)
 end
 
 -- The key of the device productKey/deviceKey in an org (built without a target table: the check asks

@@ -7,11 +7,10 @@
 local core = require "enos.core"
 local errors = require "enos.errors"
 local json = require "enos.json"
-local client_mod = require "enos.client"
 local reconcile = require "enos.reconcile"
+local target_mod = require "enos.target"
 
 -- (enos.plan requires enos.client only, so this does not loop)
-local plan_utf8 = json.valid_utf8
 
 local M = {}
 
@@ -275,25 +274,8 @@ function M.checked_target(t)
 end
 
 local function check_target(target)
-  local t = {}
-  for k, v in pairs(target) do
-    if k ~= "assetId" and k ~= "productKey" and k ~= "deviceKey" and k ~= "newDeviceKey" and k ~= "orgId" then
-      return nil, errors.arg(tostring(k), "unknown target field '" .. tostring(k) .. "'")
-    end
-    if type(v) ~= "string" or v == "" then return nil, errors.arg(tostring(k), k .. " must be a non-empty string") end
-    if #v > 64 then return nil, errors.arg(k, k .. " is longer than 64 bytes") end
-    if v:find("[%z\1-\31\127]") then return nil, errors.arg(k, k .. " contains control characters") end
-    if not plan_utf8(v) then return nil, errors.arg(k, k .. " is not valid UTF-8") end
-    t[k] = v
-  end
-  if t.assetId and (t.productKey or t.deviceKey) then
-    return nil, errors.arg("assetId", "give either assetId or productKey+deviceKey, not both")
-  end
-  if not t.assetId and not (t.productKey and t.deviceKey) then
-    return nil, errors.arg("assetId", "target needs assetId, or productKey and deviceKey")
-  end
-  local ok, err = client_mod.check_device_key(t.newDeviceKey)
-  if not ok then return nil, err end
+  local t, why, field = target_mod.check(target, { unknown = "refuse" })     -- (one rule: enos.target)
+  if not t then return nil, errors.arg(field, why) end
   return t
 end
 

@@ -8,7 +8,7 @@
 local argparse = require "argparse"
 local core = require "enos.core"
 local enos = require "enos"
-local client_mod = require "enos.client"
+local target_mod = require "enos.target"
 local errors = require "enos.errors"
 local profile = require "enos.profile"
 local workflow = require "enos.workflow"
@@ -315,36 +315,15 @@ local function make_client(c, args)
   return client, r
 end
 
--- An identifier flag: non-empty, short, printable, UTF-8 (checked here so the message names the flag).
-local function ident_ok(c, args)
-  for _, f in ipairs { { "asset_id", "--asset-id" }, { "product_key", "--product-key" }, { "device_key", "--device-key" } } do
-    local v = args[f[1]]
-    if v ~= nil then
-      local why = v == "" and "must not be empty" or #v > 64 and "is longer than 64 bytes"
-        or v:find("[%z\1-\31\127]") and "contains control characters"
-        or not require("enos.plan").valid_utf8(v) and "is not valid UTF-8"
-      if why then say(c, "%s %s", f[2], why) return false end
-    end
-  end
-  return true
-end
-
-local function target_of(c, args)
-  if not ident_ok(c, args) then return nil end
-  if args.asset_id and (args.product_key or args.device_key) then
-    say(c, "give --asset-id, or --product-key with --device-key, not both")
-    return nil
-  end
-  if args.asset_id then return { assetId = args.asset_id } end
-  if args.product_key and args.device_key then
-    return { productKey = args.product_key, deviceKey = args.device_key }
-  end
-  if args.product_key or args.device_key then
-    say(c, "--product-key and --device-key go together")
-  else
-    say(c, "which device? give --asset-id, or --product-key with --device-key")
-  end
-  return nil
+-- The device flags as a target, checked by enos.target (the rule of the Lua API and the plan), its messages
+-- naming the flags. new_key: --new-key is part of it (a replace), else a read.
+local FLAG_NAMES = { assetId = "--asset-id", productKey = "--product-key", deviceKey = "--device-key",
+  newDeviceKey = "--new-key" }
+local function target_of(c, args, new_key)
+  local t, why = target_mod.check({ assetId = args.asset_id, productKey = args.product_key,
+    deviceKey = args.device_key, newDeviceKey = args.new_key }, { names = FLAG_NAMES, new_key = new_key or false })
+  if not t then say(c, "%s", why) return nil end
+  return t
 end
 
 local function number_arg(c, args, name, flag, integer)
@@ -362,12 +341,8 @@ end
 -- ---------------------------------------------------------------- commands
 
 local function cmd_device(c, args)
-  local target = target_of(c, args)
+  local target = target_of(c, args, true)
   if not target then return EXIT.usage end
-  if not args.new_key then say(c, "--new-key is required") return EXIT.usage end
-  local ok, kerr = client_mod.check_device_key(args.new_key, "--new-key")
-  if not ok then say(c, "%s", kerr.message) return EXIT.usage end
-  target.newDeviceKey = args.new_key
   if not number_arg(c, args, "wait_active", "--wait-active") then return EXIT.usage end
   if not number_arg(c, args, "max_attempts", "--max-attempts", true) then return EXIT.usage end
   if not number_arg(c, args, "max_retry_after", "--max-retry-after") then return EXIT.usage end
