@@ -1,4 +1,12 @@
-/* enos.core entry point: only luaopen_enos_core lives here. */
+/* enos.core entry point: only luaopen_enos_core lives here.
+ *
+ * Every function of enos.core is used by the Lua layers, except these, public for tests and fuzzing only
+ * (docs/architecture.md lists them too):
+ *   b64encode              fuzz_decode's round trip (decode then encode must give the canonical input)
+ *   encode_query, urlencode the signing specs check the canonical query encoding byte for byte
+ *   parse_query            specs read the simulator's request log and stub requests
+ *   parse_headers          fuzz_headers drives the reply-header parser (enos_push_headers) with raw bytes
+ * They cost nothing at run time and keep the parsers under test through the same entry the transports use. */
 #include <errno.h>
 #include <string.h>
 #include <time.h>

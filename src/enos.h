@@ -31,14 +31,4 @@ void enos_open_csv(lua_State *L);
 void enos_open_keyset(lua_State *L);
 void enos_open_signals(lua_State *L);
 
-/* easy.c helpers shared with multi.c */
-typedef struct enos_buf {
-  char *data;
-  size_t len, cap, limit;
-  int overflow;
-} enos_buf;
-int enos_buf_append(enos_buf *b, const char *p, size_t n);
-void enos_buf_free(enos_buf *b);
-int enos_push_headers(lua_State *L, const char *raw, size_t len);
-
 #endif

@@ -7,7 +7,7 @@
 #include <string.h>
 #include <unistd.h>
 #include <sys/stat.h>
-#include "worker.h"
+#include "file.h"
 
 #define ENOS_FILE_MT "enos.file"
 

@@ -5,6 +5,17 @@
 #include <curl/curl.h>
 #include "enos.h"
 
+/* A growable buffer with a limit (a reply's body and headers). */
+typedef struct enos_buf {
+  char *data;
+  size_t len, cap, limit;
+  int overflow;
+} enos_buf;
+int enos_buf_append(enos_buf *b, const char *p, size_t n);
+void enos_buf_free(enos_buf *b);
+/* Pushes a table of the headers in raw (the last block of a reply's header lines), names lowercased. */
+int enos_push_headers(lua_State *L, const char *raw, size_t len);
+
 /* Handle-wide options, read once from the Lua options table. */
 typedef struct {
   long timeout_ms, connect_timeout_ms;

@@ -18,6 +18,7 @@
 #include <time.h>
 #include "http.h"
 #include "worker.h"
+#include "file.h"
 #if defined(__linux__) && !defined(ENOS_NO_EPOLL)
 #define ENOS_EPOLL 1
 #include <sys/epoll.h>

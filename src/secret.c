@@ -8,7 +8,7 @@
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
 #include <openssl/err.h>
-#include "worker.h"
+#include "secret.h"
 
 typedef struct {
   EVP_PKEY *pkey;

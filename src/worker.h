@@ -5,18 +5,10 @@
 #define ENOS_WORKER_H
 
 #include <pthread.h>
-#include <openssl/evp.h>
 #include "enos.h"
+#include "secret.h"
 
 enum { ENOS_JOB_DECRYPT = 1, ENOS_JOB_FSYNC = 2 };
-
-/* One decryption's inputs (owned copies; the key is reference-counted). */
-typedef struct {
-  EVP_PKEY *pkey;
-  char *sk, *ds;
-  size_t skn, dsn;
-  int pad, mode, kf, enc;
-} enos_decrypt_args;
 
 typedef struct enos_job {
   lua_Integer id;
@@ -40,15 +32,6 @@ typedef struct {
   void (*wake)(void *);         /* called (from the worker thread) when a job finishes */
   void *wake_ud;
 } enos_worker;
-
-/* secret.c: reads (key, sessionKey, deviceSecret, pad, mode, kf, enc) at idx..idx+6 (raises on misuse). */
-void enos_decrypt_read_args(lua_State *L, int idx, enos_decrypt_args *a);
-/* secret.c: runs in any thread; NULL and *out (free with enos_free_secret) or an error message. */
-const char *enos_decrypt_run(const enos_decrypt_args *a, unsigned char **out, size_t *outn);
-void enos_decrypt_args_free(enos_decrypt_args *a);
-
-/* file.c: the descriptor of the enos.file at idx (raises when closed). */
-int enos_file_fd(lua_State *L, int idx);
 
 /* Returns NULL, or why the worker could not be set up. wake(ud) must be thread-safe and never lose a
  * wake-up (it wakes the event loop's next wait). */
