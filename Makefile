@@ -7,7 +7,7 @@ CC      ?= cc
 VERSION := $(shell sed -n 's/^#define ENOS_VERSION "\(.*\)"/\1/p' src/enos.h)
 
 # Debian packages the project needs (make deps installs the missing ones).
-DEB_PKGS := lua5.4 liblua5.4-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted lua-check \
+DEB_PKGS := lua5.4 liblua5.4-dev lua5.3 liblua5.3-dev lua5.1 liblua5.1-0-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted lua-check \
             luarocks luajit2 libluajit2-5.1-dev lua-argparse nginx libnginx-mod-http-lua \
             lua-resty-core lua-luaossl lua-socket pkg-config valgrind openssl curl clang libclang-rt-14-dev wrk
 
@@ -20,22 +20,32 @@ LIBS := $(shell pkg-config --libs libcurl openssl 2>/dev/null || echo -lcurl -ls
 SRCS := $(wildcard src/*.c)
 HDRS := $(wildcard src/*.h)
 
+# One build per Lua ABI (a module built for one does not load in another): lua5.4 (first), luajit (OpenResty),
+# lua5.3 and lua5.1 (Lua-scriptable gateways).
 ifeq ($(LUA),luajit)
   ABI := luajit
   LUA_CFLAGS := $(shell pkg-config --cflags luajit 2>/dev/null || echo -I/usr/include/luajit-2.1)
 else
-  ABI := lua5.4
-  LUA_CFLAGS := $(shell pkg-config --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+  ABI := $(LUA)
+  LUA_CFLAGS := $(shell pkg-config --cflags $(LUA) 2>/dev/null || echo -I/usr/include/$(LUA))
+endif
+ifeq ($(LUA),lua5.1)
+  LUA_CFLAGS += -DENOS_PLAIN_LUA51
 endif
 SO := build/$(ABI)/enos/core.so
 
-.PHONY: all both deps check demo install uninstall clean bench lint asan valgrind fuzz
+.PHONY: all both abis deps check demo install uninstall clean bench lint asan valgrind fuzz
 
 all: deps-ok $(SO)
 
 both: deps-ok
 	$(MAKE) LUA=lua5.4
 	$(MAKE) LUA=luajit
+
+# every ABI: what make check tests
+abis: both
+	$(MAKE) LUA=lua5.3
+	$(MAKE) LUA=lua5.1
 
 $(SO): $(SRCS) $(HDRS)
 	@mkdir -p $(dir $@)
@@ -57,7 +67,7 @@ deps:
 lint: deps-ok
 	luacheck -q lua spec bin sim examples bench
 
-check: both
+check: abis
 	bash scripts/check.sh
 
 # Memory safety: the whole spec suite under ASan+UBSan / valgrind memcheck; libFuzzer targets

@@ -1,4 +1,4 @@
--- Signing, token encryption and query encoding (protocol page §2).
+-- Signing, token encryption and query encoding (docs/protocol.md, signing).
 local enos = require "enos"
 local core = require "enos.core"
 
@@ -10,7 +10,7 @@ describe("enos.sha256_hex", function()
 end)
 
 describe("enos.token_encryption", function()
-  it("matches the protocol page vector", function()
+  it("matches the signing test vector (docs/protocol.md)", function()
     assert.equal("4a402ff72d4644a3b5cbbb173ccd04a2b6d8be85bf522780b8626ca800e90545",
       enos.token_encryption("5acb82e7-a11e-4300-9164-c8b20b638e8b", 1572574909697, "my-app-secret"))
   end)
@@ -30,7 +30,7 @@ describe("enos.signature", function()
     query = { action = "replaceDevice", orgId = "o15520323695671", assetId = "Nmw9npSq" },
     body = '{"newDeviceKey":"dev_new_01","requireSecret":true}',
   }
-  it("matches the protocol page replaceDevice vector", function()
+  it("matches the replaceDevice signing test vector (docs/protocol.md)", function()
     assert.equal("1b9c8339746b855a9e4fd56ebb82900d6d90c482560391920b09786426ad448e", enos.signature(vector))
   end)
   it("hashes token .. sorted name/value pairs .. body .. T .. SK", function()

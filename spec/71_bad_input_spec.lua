@@ -212,7 +212,7 @@ describe("bad input", function()
       assert.has_error(function() enos.signature("tok") end)
       assert.is_string(enos.signature(good))
     end)
-    -- a wrong type is misuse (design.md): it raises, and the message names the field
+    -- a wrong type is misuse (docs/design.md): it raises, and the message names the field
     for _, case in ipairs {
       { "access_token", nil }, { "access_token", 5 }, { "app_secret", nil }, { "app_secret", {} },
       { "timestamp", "soon" }, { "timestamp", -1 }, { "query", "action=get" }, { "query", { a = {} } },

@@ -48,7 +48,7 @@ function M.query(params)
   return table.concat(parts, "&")
 end
 
---- The signature of the protocol page: sha256_hex(token .. P .. B .. T .. SK), P = sorted name..value.
+--- The request signature (docs/protocol.md): sha256_hex(token .. P .. B .. T .. SK), P = sorted name..value.
 function M.sign(token, params, body, ts, secret_key)
   local list = {}
   if params and params[1] then

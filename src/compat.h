@@ -14,6 +14,28 @@
 #  define enos_rawlen(L, i) lua_rawlen((L), (i))
 #endif
 
-/* LuaJIT 2.1 provides luaL_setfuncs, luaL_testudata and luaL_setmetatable. */
+/* LuaJIT 2.1 provides luaL_setfuncs and luaL_testudata; plain Lua 5.1 (built with -DENOS_PLAIN_LUA51) does not. */
+#ifdef ENOS_PLAIN_LUA51
+static inline void enos_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
+  luaL_checkstack(L, nup, "too many upvalues");
+  for (; l->name != NULL; l++) {
+    int i;
+    for (i = 0; i < nup; i++) lua_pushvalue(L, -nup);
+    lua_pushcclosure(L, l->func, nup);
+    lua_setfield(L, -(nup + 2), l->name);
+  }
+  lua_pop(L, nup);
+}
+#  define luaL_setfuncs enos_setfuncs
+static inline void *enos_testudata(lua_State *L, int ud, const char *tname) {
+  void *p = lua_touserdata(L, ud);
+  if (p == NULL || !lua_getmetatable(L, ud)) return NULL;
+  luaL_getmetatable(L, tname);
+  if (!lua_rawequal(L, -1, -2)) p = NULL;
+  lua_pop(L, 2);
+  return p;
+}
+#  define luaL_testudata enos_testudata
+#endif
 
 #endif

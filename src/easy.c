@@ -1,5 +1,5 @@
 /* The blocking transport: one libcurl easy handle per client, reused so that
- * connections are kept alive. send(req) -> res | nil, err (see design.md). */
+ * connections are kept alive. send(req) -> res | nil, err (see docs/design.md). */
 #include <string.h>
 #include "http.h"
 

@@ -7,7 +7,7 @@
 
 #define ENOS_VERSION "0.1.0"
 
-/* Metatable names (dotted, per design.md). */
+/* Metatable names (dotted, per docs/design.md). */
 #define ENOS_KEY_MT  "enos.key"
 #define ENOS_EASY_MT "enos.easy"
 #define ENOS_MULTI_MT "enos.multi"

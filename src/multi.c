@@ -1,6 +1,6 @@
 /* The concurrent transport: libcurl's multi interface. Lua adds prepared
  * requests and waits for completions; a coroutine scheduler in Lua resumes the
- * caller whose transfer finished (design.md). Transfers are pooled and the
+ * caller whose transfer finished (docs/design.md). Transfers are pooled and the
  * multi handle's connection cache keeps connections alive (HTTP/2 multiplexed
  * where the server speaks it).
  *

@@ -2,7 +2,7 @@
 -- @module enos.errors
 local M = {}
 
---- The stable error kinds (design.md).
+--- The stable error kinds (docs/design.md).
 M.KINDS = {
   invalid_argument = true, config = true, auth = true, permission = true, not_found = true,
   conflict = true, rate_limited = true, server = true, timeout = true, transport = true,

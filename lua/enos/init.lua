@@ -29,7 +29,7 @@ end
 --- The apim-signature of a request: {access_token, app_secret, query, body, timestamp}.
 function enos.signature(p)
   if type(p) ~= "table" then error("enos.signature expects a table", 2) end
-  -- misuse raises (design.md), naming the field
+  -- misuse raises (docs/design.md), naming the field
   for _, k in ipairs { "access_token", "app_secret" } do
     if type(p[k]) ~= "string" then error("enos.signature: " .. k .. " must be a string, got " .. type(p[k]), 2) end
   end

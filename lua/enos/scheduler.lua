@@ -1,4 +1,4 @@
---- A coroutine scheduler over the libcurl multi transport (design.md).
+--- A coroutine scheduler over the libcurl multi transport (docs/design.md).
 -- Tasks are coroutines; `sched.transport:send(req)` inside a task yields until
 -- its transfer finishes, so many client calls run concurrently on one thread.
 -- @module enos.scheduler

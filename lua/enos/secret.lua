@@ -1,4 +1,4 @@
---- Decryption of V2.4 device secrets under a named scheme (protocol page §6).
+--- Decryption of V2.4 device secrets under a named scheme (docs/protocol.md, encrypted secrets).
 -- The cipher parameters are our inference, not published by EnOS: every part is
 -- an option, and `auto` tries them all.
 -- @module enos.secret

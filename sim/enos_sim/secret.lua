@@ -1,5 +1,5 @@
 -- V2.4 requireSecret envelope: deviceSecret = encode(AES(K, secret)), sessionKey = encode(RSA(pub, K)).
--- Every part is an option (protocol page §6); "enos-v2.4" = pkcs1 / ecb / raw / base64 / 128 bits.
+-- Every part is an option (docs/protocol.md, encrypted secrets); "enos-v2.4" = pkcs1 / ecb / raw / base64 / 128 bits.
 -- Implemented with luaossl, plus LuaJIT FFI into libcrypto for OAEP-SHA256 (luaossl cannot set the OAEP digest).
 local pkey = require "openssl.pkey"
 local cipher = require "openssl.cipher"

@@ -605,7 +605,8 @@ end
 function M.main(ctx)
   local c = new_ctx(ctx or {})
   local trace
-  local ok, code = xpcall(run, function(e) trace = debug.traceback(tostring(e), 2) return e end, c)
+  local ok, code = xpcall(function() return run(c) end,    -- (5.1: xpcall passes no arguments)
+    function(e) trace = debug.traceback(tostring(e), 2) return e end)
   if ok then return code end
   if tostring(code):find("interrupted!", 1, true) then return interrupted(c) end
   -- a bug of ours: one line (no Lua traceback on the terminal) unless ENOS_DEBUG=1 asks for it
