@@ -29,12 +29,9 @@ else
   ABI := $(LUA)
   LUA_CFLAGS := $(shell pkg-config --cflags $(LUA) 2>/dev/null || echo -I/usr/include/$(LUA))
 endif
-ifeq ($(LUA),lua5.1)
-  LUA_CFLAGS += -DENOS_PLAIN_LUA51
-endif
 SO := build/$(ABI)/enos/core.so
 
-.PHONY: all both abis deps check demo install uninstall clean bench lint asan valgrind fuzz
+.PHONY: all both abis man dist deps check demo install uninstall clean bench lint asan valgrind fuzz
 
 all: deps-ok $(SO)
 
@@ -88,23 +85,53 @@ bench: both
 	bash bench/run.sh
 	@if [ "$${BENCH_NGX:-1}" != 0 ]; then bash bench/ngx/run.sh; fi
 
-LUA_LDIR := $(DESTDIR)$(PREFIX)/share/lua/5.4
-LUA_CDIR := $(DESTDIR)$(PREFIX)/lib/lua/5.4
-JIT_LDIR := $(DESTDIR)$(PREFIX)/share/lua/5.1
-JIT_CDIR := $(DESTDIR)$(PREFIX)/lib/lua/5.1
+SHARE := $(DESTDIR)$(PREFIX)/share
+LIBLUA := $(DESTDIR)$(PREFIX)/lib/lua
+BINDIR := $(DESTDIR)$(PREFIX)/bin
+MAN1 := $(SHARE)/man/man1
+BASH_COMP := $(SHARE)/bash-completion/completions
+ZSH_COMP := $(SHARE)/zsh/site-functions
+FISH_COMP := $(SHARE)/fish/vendor_completions.d
 
-install: both
-	install -d $(LUA_LDIR)/enos $(LUA_CDIR)/enos $(JIT_LDIR)/enos $(JIT_CDIR)/enos $(DESTDIR)$(PREFIX)/bin
-	cd lua && find enos -name '*.lua' -exec install -D -m 644 {} $(LUA_LDIR)/{} \;
-	cd lua && find enos -name '*.lua' -exec install -D -m 644 {} $(JIT_LDIR)/{} \;
-	install -m 755 build/lua5.4/enos/core.so $(LUA_CDIR)/enos/core.so
-	install -m 755 build/luajit/enos/core.so $(JIT_CDIR)/enos/core.so
-	for f in bin/*; do install -m 755 $$f $(DESTDIR)$(PREFIX)/bin/; done
-	install -d $(DESTDIR)$(PREFIX)/share/enos/sim
-	cp -R sim/. $(DESTDIR)$(PREFIX)/share/enos/sim/
+# Everything install puts down, uninstall takes away (spec: make check installs into a scratch DESTDIR,
+# uninstalls, and finds no file left). Lua 5.4 and 5.3 get their own core.so; lib/lua/5.1 gets the LuaJIT
+# build, which plain Lua 5.1 loads too (one C API).
+install: abis
+	for v in 5.4 5.3 5.1; do \
+	  install -d $(SHARE)/lua/$$v $(LIBLUA)/$$v/enos && \
+	  (cd lua && find enos -name '*.lua' -exec install -D -m 644 {} $(SHARE)/lua/$$v/{} \;) || exit 1; \
+	done
+	install -m 755 build/lua5.4/enos/core.so $(LIBLUA)/5.4/enos/core.so
+	install -m 755 build/lua5.3/enos/core.so $(LIBLUA)/5.3/enos/core.so
+	install -m 755 build/luajit/enos/core.so $(LIBLUA)/5.1/enos/core.so
+	install -d $(BINDIR) $(MAN1) $(BASH_COMP) $(ZSH_COMP) $(FISH_COMP) $(SHARE)/enos/sim/enos_sim
+	install -m 755 bin/enos-replace bin/enos-sim $(BINDIR)/
+	install -m 644 man/enos-replace.1 $(MAN1)/enos-replace.1
+	install -m 644 completions/enos-replace.bash $(BASH_COMP)/enos-replace
+	install -m 644 completions/enos-replace.zsh $(ZSH_COMP)/_enos-replace
+	install -m 644 completions/enos-replace.fish $(FISH_COMP)/enos-replace.fish
+	install -m 644 sim/README.md $(SHARE)/enos/sim/README.md
+	install -m 644 sim/enos_sim/*.lua $(SHARE)/enos/sim/enos_sim/
 
 uninstall:
-	rm -rf $(LUA_LDIR)/enos $(LUA_CDIR)/enos $(JIT_LDIR)/enos $(JIT_CDIR)/enos $(DESTDIR)$(PREFIX)/share/enos
+	for v in 5.4 5.3 5.1; do rm -rf $(SHARE)/lua/$$v/enos $(LIBLUA)/$$v/enos; done
+	rm -rf $(SHARE)/enos
+	rm -f $(BINDIR)/enos-replace $(BINDIR)/enos-sim $(MAN1)/enos-replace.1 $(BASH_COMP)/enos-replace \
+	  $(ZSH_COMP)/_enos-replace $(FISH_COMP)/enos-replace.fish
+
+# The files made from the CLI (kept in the repository: a rock runs no build step of ours).
+man: both
+	lua5.4 scripts/generate.lua
+
+# The release tarball and the source rock: build/dist/enos-VERSION.tar.gz and enos-VERSION-1.src.rock
+# (the checkout's tracked and new files, as they are now).
+dist: deps-ok
+	rm -rf build/dist && mkdir -p build/dist/enos-$(VERSION)
+	git ls-files -co --exclude-standard | grep -v '^build/' | tar -cf - -T - | (cd build/dist/enos-$(VERSION) && tar -xf -)
+	cd build/dist && tar -czf enos-$(VERSION).tar.gz enos-$(VERSION) && rm -rf enos-$(VERSION)
+	sed 's|url = "enos-$(VERSION).tar.gz"|url = "file://$(CURDIR)/build/dist/enos-$(VERSION).tar.gz"|' \
+	  enos-$(VERSION)-1.rockspec > build/dist/enos-$(VERSION)-1.rockspec
+	cd build/dist && luarocks --lua-version 5.4 pack enos-$(VERSION)-1.rockspec
 
 clean:
 	rm -rf build

@@ -14,8 +14,9 @@
 #  define enos_rawlen(L, i) lua_rawlen((L), (i))
 #endif
 
-/* LuaJIT 2.1 provides luaL_setfuncs and luaL_testudata; plain Lua 5.1 (built with -DENOS_PLAIN_LUA51) does not. */
-#ifdef ENOS_PLAIN_LUA51
+/* Lua 5.1's C API has no luaL_setfuncs or luaL_testudata (LuaJIT 2.1 adds them): on the 5.1 API the core uses
+ * its own, so one build loads in both interpreters (lib/lua/5.1 serves plain Lua 5.1 and LuaJIT). */
+#if LUA_VERSION_NUM < 502
 static inline void enos_setfuncs(lua_State *L, const luaL_Reg *l, int nup) {
   luaL_checkstack(L, nup, "too many upvalues");
   for (; l->name != NULL; l++) {

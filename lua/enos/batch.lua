@@ -556,7 +556,9 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     require_secret = require_secret, reverify = reverify, by_key = by_key, pause = pause })
   local function worker()
     local co = coroutine.running()
-    for row in function() return reader:next() end do
+    while true do          -- (not a for-in: plain Lua 5.1 cannot yield inside a for-in's iterator)
+      local row = reader:next()
+      if not row then break end
       row_of[co] = row
       run_row(row)
     end

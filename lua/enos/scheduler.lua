@@ -142,13 +142,14 @@ local function hand_over(self, co, err_kind, method, ...)
   end
 end
 
--- What a resumed task did: ended (ok, results…) or yielded (true, kind, arg).
-local function after(self, co, ok, kind, arg, ...)
+-- What a resumed task did: ended (ok, results…) or yielded (true, kind, what).
+-- (`what`, not `arg`: in plain Lua 5.1 a vararg function's implicit `arg` hides a parameter of that name)
+local function after(self, co, ok, kind, what, ...)
   if status(co) == "dead" then
     local task = self.tasks[co]
     task.done = true
     if ok then
-      task.ok, task.result = true, { kind, arg, ... }
+      task.ok, task.result = true, { kind, what, ... }
     else
       task.ok, task.error = false, kind
       self.errors[#self.errors + 1] = debug.traceback(co, tostring(kind))
@@ -159,16 +160,16 @@ local function after(self, co, ok, kind, arg, ...)
     return
   end
   if kind == SEND then
-    hand_over(self, co, "transport", self.multi.add, arg)
+    hand_over(self, co, "transport", self.multi.add, what)
   elseif kind == JOB then
-    hand_over(self, co, "decrypt", self.multi.decrypt, unpack(arg, 1, arg.n))
+    hand_over(self, co, "decrypt", self.multi.decrypt, unpack(what, 1, what.n))
   elseif kind == SLEEP then
-    self.sleeping[#self.sleeping + 1] = { at = self:now() + arg * 1000, co = co }
+    self.sleeping[#self.sleeping + 1] = { at = self:now() + what * 1000, co = co }
   elseif kind == WAIT then
-    self.waiting[#self.waiting + 1] = { pred = arg, co = co }
+    self.waiting[#self.waiting + 1] = { pred = what, co = co }
   elseif kind == SIGNAL then
-    local list = self.signals[arg]
-    if not list then list = {} self.signals[arg] = list end
+    local list = self.signals[what]
+    if not list then list = {} self.signals[what] = list end
     list[#list + 1] = co
   else
     -- a plain coroutine.yield from user code: run it again on the next turn

@@ -179,14 +179,39 @@ Profile file format (INI; `#` or `;` starts a comment line):
 
 Exits 3 when a required setting (endpoint, access_key, secret_key, org_id) is missing.
 ]] .. CONFIG_TEXT)
+  local hcmd = p:command("help", "Show the help of enos-replace or of one command (`enos-replace help batch`).")
+  help_flag(hcmd, state, "help")
+  hcmd:argument("topic", "A command: device, batch, get, config, completion."):args("?")
+    :choices { "device", "batch", "get", "config", "completion", "help" }
+  local comp = p:command("completion", "Print a shell completion script: bash, zsh or fish.")
+  help_flag(comp, state, "completion")
+  comp:argument("shell", "bash, zsh or fish."):choices { "bash", "zsh", "fish" }
+  comp:epilog([[
+Examples:
+   enos-replace completion bash > /etc/bash_completion.d/enos-replace
+   enos-replace completion zsh > "${fpath[1]}/_enos-replace"
+   enos-replace completion fish > ~/.config/fish/completions/enos-replace.fish
+(`make install` and the rock install them for you.)]])
   -- An option given twice (`--asset-id A --asset-id B`, a shell history edit) is refused, not the last one
   -- silently taken: every option that takes a value is single-valued (argparse: "must be used at most 1 time").
-  for _, cmd in ipairs { p, d, b, g, c } do
+  for _, cmd in ipairs { p, d, b, g, c, hcmd, comp } do
     for _, opt in ipairs(cmd._options or {}) do
       if (opt._maxargs or 0) > 0 then opt:overwrite(false) end
     end
   end
-  return p, { main = p, device = d, get = g, config = c, batch = b }
+  return p, { main = p, device = d, get = g, config = c, batch = b, help = hcmd, completion = comp }
+end
+
+--- The parser and its commands (for the man page and the completions): parser, {name → command}.
+function M.parser()
+  return build_parser({})
+end
+
+--- What --version prints: enos, Lua, libcurl and OpenSSL versions (what a bug report needs).
+function M.version_text(prog)
+  local v = enos.versions()
+  return string.format("%s %s\nLua: %s\nlibcurl: %s (TLS: %s)\nOpenSSL: %s\n", prog or PROG, enos._VERSION,
+    v.lua, v.libcurl, v.libcurl_ssl, v.openssl)
 end
 
 -- ---------------------------------------------------------------- context
@@ -565,11 +590,20 @@ local function run(c)
     return EXIT.usage
   end
   if args.version then
-    c.out(string.format("%s %s\n", PROG, enos._VERSION))
+    c.out(M.version_text())
+    return EXIT.ok
+  end
+  if args.command == "help" then
+    c.out(cmds[args.topic or "main"]:get_help() .. "\n")
+    return EXIT.ok
+  end
+  if args.command == "completion" then
+    local gen = { bash = "get_bash_complete", zsh = "get_zsh_complete", fish = "get_fish_complete" }
+    c.out(parser[gen[args.shell]](parser))
     return EXIT.ok
   end
   if not args.command then
-    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, get or config); see --help\n")
+    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, get, config or help); see --help\n")
     return EXIT.usage
   end
   if args.timeout ~= nil then

@@ -114,7 +114,9 @@ end
 
 -- locations ----------------------------------------------------------------------------
 
---- The simulator's sim/ directory: opts.sim_dir, $ENOS_SIM_DIR, next to this checkout, or installed.
+--- The directory holding the simulator's server code (enos_sim/*.lua, the code nginx runs): opts.sim_dir,
+-- $ENOS_SIM_DIR, this checkout's sim/, where Lua finds the `enos_sim` modules (a LuaRocks tree installs them as
+-- modules beside enos), or share/enos/sim of `make install`.
 function M.sim_dir(opts)
   local cands, n = {}, 0
   local function add(d) if d then n = n + 1; cands[n] = d end end
@@ -126,6 +128,8 @@ function M.sim_dir(opts)
     add(dirname(dirname(dirname(here))) .. "/sim")           -- checkout: <repo>/sim
     add(dirname(dirname(dirname(dirname(here)))) .. "/enos/sim")  -- share/lua/5.x/enos/sim -> share/enos/sim
   end
+  local found = package.searchpath and package.searchpath("enos_sim.server", package.path)
+  if found then add(dirname(dirname(abspath(found)))) end
   add("/usr/local/share/enos/sim")
   add("/usr/share/enos/sim")
   for i = 1, n do
@@ -205,11 +209,11 @@ end
 
 -- generation -------------------------------------------------------------------------------
 
---- The default configuration table (sim/default_config.lua).
+--- The default configuration table (sim/enos_sim/default_config.lua).
 function M.defaults(opts)
   local dir, err = M.sim_dir(opts)
   if not dir then return nil, err end
-  local t, lerr = config.load_file(dir .. "/default_config.lua")
+  local t, lerr = config.load_file(dir .. "/enos_sim/default_config.lua")
   if not t then return nil, lerr end
   return t
 end
@@ -217,7 +221,7 @@ end
 local function render(tmpl, vars)
   return (tmpl:gsub("%${([%w_]+)}", function(k)
     local v = vars[k]
-    if v == nil then error("nginx.conf.tmpl: unknown variable " .. k) end
+    if v == nil then error("enos_sim/nginx_conf.lua: unknown variable " .. k) end
     return tostring(v)
   end))
 end
@@ -279,8 +283,9 @@ function M.generate(opts)
   if not wok then return nil, "enos-sim: cannot write " .. cfg_file .. ": " .. tostring(werr) end
 
   local port = opts.port or M.free_port()
-  local tmpl = read_file(sim_dir .. "/nginx.conf.tmpl")
-  if not tmpl then return nil, "enos-sim: missing " .. sim_dir .. "/nginx.conf.tmpl" end
+  local tf = sim_dir .. "/enos_sim/nginx_conf.lua"
+  local tok, tmpl = pcall(dofile, tf)
+  if not tok or type(tmpl) ~= "string" then return nil, "enos-sim: cannot read " .. tf .. ": " .. tostring(tmpl) end
   local u, g = whoami()
   local ssl_lines = ""
   if certs then
