@@ -7,7 +7,7 @@ CC      ?= cc
 VERSION := $(shell sed -n 's/^#define ENOS_VERSION "\(.*\)"/\1/p' src/enos.h)
 
 # Debian packages the project needs (make deps installs the missing ones).
-DEB_PKGS := lua5.4 liblua5.4-dev lua5.3 liblua5.3-dev lua5.1 liblua5.1-0-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted lua-check \
+DEB_PKGS := lua5.4 liblua5.4-dev lua5.3 liblua5.3-dev lua5.1 liblua5.1-0-dev lua-cjson libcurl4-openssl-dev libssl-dev lua-busted lua-check lua-ldoc \
             luarocks luajit2 libluajit2-5.1-dev lua-argparse nginx libnginx-mod-http-lua \
             lua-resty-core lua-luaossl lua-socket pkg-config valgrind openssl curl clang libclang-rt-14-dev wrk
 
@@ -62,7 +62,18 @@ deps:
 	else echo "enos: all Debian packages present"; fi
 
 lint: deps-ok
-	luacheck -q lua spec bin sim examples bench
+	luacheck -q lua spec bin sim examples bench scripts
+
+# The API reference (LDoc over config.ld) in build/docs. Fails when a public function of the documented modules
+# has no doc comment (scripts/doc_check.lua), and when LDoc errs or warns.
+.PHONY: docs
+docs: deps-ok
+	@lua5.4 scripts/doc_check.lua
+	@rm -rf build/docs
+	@out=$$(ldoc -c config.ld . 2>&1); rc=$$?; \
+	warnings=$$(printf '%s\n' "$$out" | grep -v -e '^reading configuration from ' -e '^output written to ' -e '^$$'); \
+	if [ $$rc -ne 0 ] || [ -n "$$warnings" ]; then printf '%s\n' "$$out" >&2; echo "enos: ldoc failed or warned" >&2; exit 1; fi
+	@echo "enos: API reference in build/docs/index.html"
 
 check: abis
 	bash scripts/check.sh

@@ -37,6 +37,6 @@ print(cjson.encode { rows = rows, done = s.done, failed = s.failed, elapsed_s = 
   replacing_s = s.replacing, failed_by_kind = s.failed_by_kind })
 if s.failed and s.failed > 0 and s.results then      -- (what failed, for the bench's log)
   local f = io.open(s.results)
-  if f then f:read("l") io.stderr:write("first failed row: ", tostring(f:read("l")), "\n") f:close() end
+  if f then f:read("*l") io.stderr:write("first failed row: ", tostring(f:read("*l")), "\n") f:close() end
 end
 os.execute("rm -rf " .. dir)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make check: lint, every spec under Lua 5.4 and LuaJIT, the C-level specs once
-# under valgrind memcheck, and the rockspec build. Ends with "N passed, N failed".
+# make check: lint, every spec under Lua 5.4, LuaJIT, 5.3 and 5.1, the C-level specs under valgrind memcheck
+# and ASan, the fuzz seeds, and installing (make install/uninstall, the rock). Ends with "N passed, N failed".
 set -u
 cd "$(dirname "$0")/.."
 LOG=build/check
@@ -27,10 +27,10 @@ single() {      # label rc
 SPECS=${SPECS:-spec}
 
 note "luacheck"
-luacheck -q lua spec bin sim examples bench > "$LOG/luacheck.log" 2>&1
+luacheck -q lua spec bin sim examples bench scripts > "$LOG/luacheck.log" 2>&1
 rc=$?; cat "$LOG/luacheck.log" | tail -n 20; single "luacheck" $rc
 
-for flavour in lua5.4 luajit; do
+for flavour in lua5.4 luajit lua5.3 lua5.1; do
   note "busted ($flavour)"
   busted --lua="$flavour" --cpath="build/$flavour/?.so" -o TAP $SPECS > "$LOG/busted-$flavour.tap" 2>&1
   rc=$?
@@ -80,20 +80,9 @@ if [ "${SKIP_MEMCHECK:-}" != 1 ]; then
   single "fuzz seeds: no crash" $rc
 fi
 
-note "rockspec (luarocks make --tree, offline) and the installed module"
-tree=$(mktemp -d /tmp/enos-rocks.XXXXXX)
-{
-  luarocks --lua-version 5.4 --tree "$tree" make enos-*.rockspec &&
-  (cd /tmp && ENOS_TREE="$tree" LUA_PATH="$tree/share/lua/5.4/?.lua;$tree/share/lua/5.4/?/init.lua;;" \
-     LUA_CPATH="$tree/lib/lua/5.4/?.so;;" lua5.4 -e '
-       local enos = require "enos"
-       local tree = os.getenv("ENOS_TREE")
-       assert(package.searchpath("enos.core", package.cpath):find(tree, 1, true), "core.so not from the tree")
-       assert(enos.token_encryption("5acb82e7-a11e-4300-9164-c8b20b638e8b", 1572574909697, "my-app-secret")
-         == "4a402ff72d4644a3b5cbbb173ccd04a2b6d8be85bf522780b8626ca800e90545")
-       print("installed enos " .. enos._VERSION .. " works")')
-} > "$LOG/rockspec.log" 2>&1
-rc=$?; tail -n 3 "$LOG/rockspec.log"; rm -rf "$tree" enos; single "rockspec install" $rc   # (luarocks builds enos/core.so here)
+note "installing: make install/uninstall, luarocks make, make dist's source rock (--deps-mode none)"
+bash scripts/install_check.sh > "$LOG/install.log" 2>&1
+rc=$?; cat "$LOG/install.log" | tail -n 12; single "install, uninstall, rock" $rc
 
 if [ ${#FAILURES[@]} -gt 0 ]; then
   note "failures"

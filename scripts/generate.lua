@@ -1,6 +1,6 @@
 -- Writes the files made from the CLI's own definitions, kept in the repository so that a rock (which runs no
 -- build step of ours) ships them: man/enos-replace.1 and completions/enos-replace.{bash,zsh,fish}.
--- `make man` runs it; spec 19 fails when they differ from what this would write now.
+-- `make man` runs it; spec 34 fails when they differ from what this would write now.
 -- usage: lua5.4 scripts/generate.lua [DIR]   (DIR: where man/ and completions/ go; default: the checkout)
 package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
 package.cpath = "build/lua5.4/?.so;" .. package.cpath

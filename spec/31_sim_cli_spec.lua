@@ -14,6 +14,13 @@ end
 describe("bin/enos-sim", function()
   local bin = sim.root .. "/bin/enos-sim"
 
+  it("--version names enos-sim's version, nginx's and Lua's", function()
+    local rc, out = sh(bin .. " --version")
+    assert.equal(0, rc, out)
+    assert.matches("^enos%-sim %d+%.%d+%.%d+\nnginx: nginx/%d", out)
+    assert.matches("\nLua: Lua 5%.%d\n$", out)
+  end)
+
   it("starts with a config file and flags, reports status, and stops", function()
     local cfgf = os.tmpname() .. ".lua"
     local f = assert(io.open(cfgf, "w"))

@@ -14,7 +14,7 @@ describe("enos-replace batch", function()
     kp = H.keypair()
     dir = H.tmpdir()
     local devices = {}
-    for i = 1, 140 do         -- (121-140: the stdin plans; 26-29: the refused outputs)
+    for i = 1, 150 do         -- (121-140: the stdin plans; 26-29: the refused outputs; 141-150: progress)
       devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("B%07d"):format(i) }
     end
     h = sim.start { config = { apps = { { access_key = AK, secret_key = SK, public_key_file = kp.public_file } },
@@ -34,8 +34,8 @@ describe("enos-replace batch", function()
   local function run(argv, opts)
     opts = opts or {}
     local o, e = {}, {}
-    local code = cli.main { argv = argv, env = env(), stdout = function(s) o[#o + 1] = s end,
-      stderr = function(s) e[#e + 1] = s end, isatty = opts.isatty or false,
+    local code = cli.main { argv = argv, env = env(opts.env), stdout = function(s) o[#o + 1] = s end,
+      stderr = function(s) e[#e + 1] = s end, isatty = opts.isatty or false, stderr_tty = opts.stderr_tty,
       stdin = opts.stdin or function() return opts.answer end }
     return code, table.concat(o), table.concat(e)
   end
@@ -106,6 +106,30 @@ describe("enos-replace batch", function()
     assert.falsy((out .. err):find(SK, 1, true))
   end)
 
+  it("the progress line: live (\\r, erase) on a terminal; plain lines with TERM=dumb, NO_COLOR or no terminal",
+    function()
+    local cases = {
+      { 141, 143, { TERM = "dumb" }, true, false },
+      { 144, 146, { TERM = "xterm", NO_COLOR = "1" }, true, false },
+      { 147, 148, { TERM = "xterm" }, false, false },
+      { 149, 150, { TERM = "xterm" }, true, true },
+    }
+    for i, case in ipairs(cases) do
+      local first, last, extra, tty, live = case[1], case[2], case[3], case[4], case[5]
+      local n = last - first + 1
+      local code, _, err = run({ "batch", plan("p_prog" .. i .. ".csv", first, last), "--out",
+        dir .. "/c_prog" .. i .. ".csv", "--yes" }, { env = extra, stderr_tty = tty })
+      assert.equal(0, code, err)
+      assert.matches(n .. "/" .. n .. " done", err, 1, true)
+      if live then
+        assert.truthy(err:find("\r\27[K", 1, true), "case " .. i .. ": no live line")
+      else
+        assert.falsy(err:find("\27", 1, true), "case " .. i .. ": escape codes in " .. err)
+        assert.falsy(err:find("\r", 1, true), "case " .. i .. ": carriage return in " .. err)
+      end
+    end
+  end)
+
   it("reads a plan from stdin with -: check (errors named stdin:LINE), run, and the same through a pipe", function()
     local bad = dir .. "/bad_stdin.csv"
     H.writefile(bad, "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00121,NEW-00121\npk_demo,OLD-00122,NEW-00121\n")
@@ -146,14 +170,14 @@ describe("enos-replace batch", function()
     h:admin("POST", "/faults", { latency_ms = 100, match = "replaceDevice" })
     local cmd = ("cd %s && ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=%s ENOS_SECRET_KEY=%s ENOS_ORG_ID=%s "
       .. "ENOS_PRIVATE_KEY_FILE=%s ENOS_CONFIG=/nonexistent ENOS_TIMEOUT=2 %s bin/enos-replace batch %s --out %s "
-      .. "--journal %s --yes --concurrency 8"):format(sim.root, h.url, AK, SK, ORG, kp.private_file, FLAVOUR, p, creds,
+      .. "--journal %s --yes --concurrency 8 --read-batch 20"):format(sim.root, h.url, AK, SK, ORG, kp.private_file, FLAVOUR, p, creds,
       journal)
     local pid = H.sh("sh -c '" .. cmd .. " >" .. dir .. "/run.log 2>&1 & echo $!'"):gsub("%s+", "")
     for _ = 1, 200 do
       local f = io.open(journal)
       local n = 0
       if f then for l in f:lines() do if l:find('"state":"done"', 1, true) then n = n + 1 end end f:close() end
-      if n >= 10 then break end        -- (killed once some rows are done, others in flight)
+      if n >= 10 then break end        -- (killed once some rows are done, others in flight: windows of 20 rows)
       os.execute("sleep 0.05")
     end
     os.execute("kill -9 " .. pid)
@@ -161,8 +185,9 @@ describe("enos-replace batch", function()
     local code, out, err = run { "batch", p, "--out", creds, "--journal", journal, "--resume", "--yes", "--json" }
     assert.equal(0, code, err)
     local s = cjson.decode(out)
-    assert.is_true(s.skipped > 0)
+    assert.is_true(s.skipped >= 10 and s.skipped < 91, "not killed mid-run: " .. s.skipped .. " rows skipped")
     assert.equal(91, s.done + s.skipped)
+    assert.matches(("resuming: %d of 91 rows remain"):format(91 - s.skipped), err, 1, true)
     local _, list = h:admin("GET", "/devices")
     local by = {}
     for _, d in ipairs(list.data) do by[d.assetId] = d end

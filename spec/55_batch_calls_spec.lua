@@ -89,7 +89,7 @@ describe("batch gateway calls", function()
     assert.equal(81, by.get)
     assert.is_true(by.search >= 4, "searches " .. tostring(by.search))
     local f = assert(io.open(dir .. "/jdeg"))
-    local warned = f:read("a"):find('"warning"', 1, true)
+    local warned = f:read("*a"):find('"warning"', 1, true)
     f:close()
     assert.is_nil(warned)
     for i = 1, 40 do assert.equal(("R3-%05d"):format(i), h:device(("A%07d"):format(i)).deviceKey) end

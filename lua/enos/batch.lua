@@ -25,8 +25,10 @@ M.OPTIONS = {
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
   plan_format = "string", reverify = "boolean", max_retry_after = "number", read_batch = "number",
+  on_resume = "function",
 }
 
+--- Default options of `run` (each may be given in `opts`).
 M.DEFAULTS = {
   concurrency = 8,
   qps = nil,               -- requests per second cap (token bucket); nil: none
@@ -113,10 +115,12 @@ function M.check_resume(state, plan, src, o)
   end
   local rows, close = plan_rows(plan, src.format or o.plan_format)
   local bad
+  local already = 0
   for row in rows do
     if row then
       local t = plan_mod.check_row(row.fields)
       local prev = t and state.by_key[plan_mod.target_key(t)]
+      if prev and prev.state == "done" then already = already + 1 end
       if prev and prev.state == "done" and (prev.newDeviceKey ~= t.newDeviceKey or
           (t.assetId and prev.assetId and prev.assetId ~= t.assetId)) then
         bad = ("journal line %d says plan line %d is done with newDeviceKey %s, but the plan's line %d asks for %s")
@@ -127,6 +131,7 @@ function M.check_resume(state, plan, src, o)
     end
   end
   close()
+  state.already = already
   if bad and not o.reverify then
     return errors.new("invalid_argument", bad .. ": this journal does not belong to this plan (or was altered); " ..
       "add --reverify to read the done rows back from the platform and trust only what it shows", { field = "journal" })
@@ -186,7 +191,8 @@ end
 -- results, resume, require_secret, verify, check_free, progress (true | function(p)),
 -- retry_attempts (sends of a request refused with 429/503), max_attempts (replace attempts), read_attempts
 -- (attempts of each read), backoff_ms, backoff_max_ms (the 429 pause and the workflow's retries), settle_ms,
--- commit_ms. Sleep-free: the scheduler does the waiting.
+-- commit_ms, on_resume (function({total, remaining, done, reverify}), called once before a resume starts).
+-- Sleep-free: the scheduler does the waiting.
 function M.run(client, plan, opts)
   if type(client) ~= "table" then error("enos.batch.run: client expected", 2) end
   if opts ~= nil and type(opts) ~= "table" then error("enos.batch.run: opts must be a table", 2) end
@@ -372,8 +378,15 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     verify_tls = topts.verify_tls, user_agent = topts.user_agent,
     max_body = topts.max_body, max_connections = o.concurrency * 2,
   } or { multi = core.multi {} })
+  -- rows the journal already holds as done: a resume's progress and ETA count only the others (a --reverify
+  -- reads every one of them back, so there it counts them all)
+  local already = (o.resume and not reverify) and (journal.state.already or 0) or 0
   local stats = { total = chk.rows, done = 0, replaced = 0, reconciled = 0, skipped = 0, reverified = 0, failed = 0,
-    failed_by_kind = {}, retries = 0, requests = 0 }
+    failed_by_kind = {}, retries = 0, requests = 0, already = already }
+  if o.resume and type(o.on_resume) == "function" then
+    o.on_resume { total = chk.rows, remaining = chk.rows - already, done = journal.state.already or 0,
+      reverify = reverify and true or false }
+  end
   local settle = o.settle_ms or 2000
 
   local function count(what)

@@ -13,8 +13,11 @@ local errors = require "enos.errors"
 
 local M = {}
 
-M.WINDOW = 100                -- values in one expression (at most 200: one page)
-M.SAFE = "^[%w_%.%-]+$"      -- values that may be quoted in an expression
+--- Default window: values in one expression (at most 200: one page).
+M.WINDOW = 100
+--- The pattern of values that may be quoted in an expression (others are read alone with Get Device).
+M.SAFE = "^[%w_%.%-]+$"
+--- Default attempts of each read (`read_attempts`).
 M.READ_ATTEMPTS = 4
 
 local function safe(v) return type(v) == "string" and v:find(M.SAFE) ~= nil end

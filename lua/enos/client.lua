@@ -182,6 +182,9 @@ end
 --- Whether the client can decrypt secrets.
 function Client:has_private_key() return self._key ~= nil end
 
+--- The transport the client sends through, made on first use when none was given: nginx cosockets inside
+-- nginx (nil, err in a phase without them), else libcurl (enos.transport.curl).
+-- @return transport | nil, err (also once the client is closed)
 function Client:transport()
   if self._closed then return nil, errors.new("config", "client is closed") end
   if not self._transport then
@@ -399,6 +402,8 @@ function Request.__tostring(r)
   if r.body then lines[#lines + 1] = "" ; lines[#lines + 1] = r.body end
   return table.concat(lines, "\n")
 end
+--- The metatable of a prepared request (`Client:prepare`): its tostring shows the request with the access
+-- token and the signature redacted.
 M.Request = Request
 
 --- Builds the signed request for spec {method, path, query, body}; needs a token.
@@ -599,13 +604,18 @@ function Result.__tostring(r)
   end
   return "enos.result{" .. table.concat(parts, ", ") .. "}"
 end
+--- The metatable of a call's device results: tostring redacts deviceSecret, sessionKey and encrypted.
 M.Result = Result
 
 local CALLS = {}
+--- The calls' request builders, by call name: `CALLS[name](client, params)` checks the parameters and returns
+-- the request spec {method, path, query, body, …} | nil, err, without any I/O.
 M.CALLS = CALLS
 
 local REPLACE_PARAMS = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true,
   requireSecret = true, orgId = true }
+--- Replace Device's request: {assetId | productKey + deviceKey, newDeviceKey, requireSecret, orgId}; never sent
+-- again by the transport on its own (idempotent = false). Refuses newDeviceKey equal to deviceKey.
 function CALLS.replace_device(self, p)
   local ok, err = check_known(p, REPLACE_PARAMS, "replace_device")
   if not ok then return nil, err end
@@ -628,6 +638,7 @@ function CALLS.replace_device(self, p)
 end
 
 local GET_PARAMS = { assetId = true, productKey = true, deviceKey = true, requireSecret = true, orgId = true }
+--- Get Device's request: {assetId | productKey + deviceKey, requireSecret, orgId}.
 function CALLS.get_device(self, p)
   local ok, err = check_known(p, GET_PARAMS, "get_device")
   if not ok then return nil, err end
@@ -642,6 +653,8 @@ end
 
 local SEARCH_PARAMS = { expression = true, pageNo = true, pageSize = true, requireSecret = true, orgId = true,
   projection = true }
+--- Search Device's request: {expression, pageNo (default 1), pageSize (1-200, default 100), requireSecret,
+-- projection (field names), orgId}.
 function CALLS.search_devices(self, p)
   local ok, err = check_known(p, SEARCH_PARAMS, "search_devices")
   if not ok then return nil, err end
@@ -686,6 +699,8 @@ local function gateway_of(self, p, action, version)
     query = query, gateway = gw }
 end
 
+--- Search Sub-Device's request: the gateway {assetId | productKey + deviceKey, orgId}, pageNo, pageSize
+-- (default 200).
 function CALLS.search_sub_devices(self, p)
   local ok, err = check_known(p, SUB_PARAMS, "search_sub_devices")
   if not ok then return nil, err end
@@ -699,6 +714,8 @@ function CALLS.search_sub_devices(self, p)
 end
 
 local ADD_SUB_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, subDevices = true }
+--- Add Sub-Device's request (API v2.1): the gateway {assetId | productKey + deviceKey, orgId} and subDevices (a
+-- non-empty list); never sent again by the transport on its own (idempotent = false).
 function CALLS.add_sub_devices(self, p)
   local ok, err = check_known(p, ADD_SUB_PARAMS, "add_sub_devices")
   if not ok then return nil, err end

@@ -27,7 +27,8 @@ function mt.__tostring(e)
   return M.clean(s, 2 * M.MAX_MESSAGE)
 end
 
-M.MAX_MESSAGE = 1000    -- bytes of an error message (what the platform echoes is cut past this)
+--- Bytes of an error message (what the platform echoes is cut past this).
+M.MAX_MESSAGE = 1000
 
 -- C0 and C1 control characters (ESC of an escape sequence, CR, LF, BEL, CSI 0x9b in UTF-8 as C2 9B, …)
 local function escape_control(c) return string.format("\\x%02x", c:byte(-1)) end
@@ -76,7 +77,8 @@ function M.arg(field, message)
   return M.new("invalid_argument", message, { field = field })
 end
 
--- Cuts a raw body to a readable, single-line message.
+--- Cuts a raw body to a readable, single-line message: control characters become spaces, cut at `max`
+-- bytes (default 200).
 function M.trim(s, max)
   s = tostring(s or ""):gsub("[%c]+", " "):gsub("^%s+", ""):gsub("%s+$", "")
   max = max or 200

@@ -6,7 +6,8 @@ local errors = require "enos.errors"
 
 local M = {}
 
-M.MAX_SMALL = 1024 * 1024     -- bytes: keys, profiles and CA bundles are far smaller
+--- The default size cap (bytes): keys, profiles and CA bundles are far smaller.
+M.MAX_SMALL = 1024 * 1024
 
 --- Why `path` is not a regular file of at most `max` bytes (nil when it is one, or when it does not exist:
 -- `missing` is then true). `what` names the file in the message ("private key file").

@@ -19,6 +19,9 @@ function enos.versions()
 end
 
 --- Lowercase hex SHA-256 of s.
+-- @function sha256_hex
+-- @tparam string s
+-- @treturn string
 enos.sha256_hex = core.sha256_hex
 
 --- The token service's `encryption` value.
@@ -45,6 +48,8 @@ function enos.signature(p)
 end
 
 --- Loads an RSA private key: PEM text or {file = path} -> key | nil, err.
+-- @function load_private_key
+-- @param src PEM text, or {file = path}
 enos.load_private_key = secret.load_private_key
 
 --- Decrypts a V2.4 secret: {private_key, session_key, secret, scheme} -> plaintext | nil, err.
@@ -64,9 +69,12 @@ function enos.decrypt_secret(p)
   return secret.decrypt(key, p.session_key, p.secret, p.scheme)
 end
 
---- Creates a client (see README for options).
+--- Creates a client (see README for options): client | nil, err (enos.client.new).
+-- @function client
+-- @tparam table opts client options (enos.client.OPTIONS)
 enos.client = client.new
 
+--- The error module (enos.errors): `enos.errors.is(v)`, the error kinds.
 enos.errors = errors
 
 -- Splits one-shot options into client options and call parameters.
@@ -107,9 +115,15 @@ end
 --- One-shot Replace Device with options from the table, the environment and the profile file. With a private
 -- key configured it asks for the new secret (requireSecret) unless told otherwise; a result without a clear
 -- deviceSecret carries `note` saying why.
+-- @tparam table opts client options (enos.client.OPTIONS) and the call's parameters (assetId | productKey +
+--   deviceKey, newDeviceKey, requireSecret, orgId)
+-- @return the result of Client:replace_device (assetId, deviceKey, deviceSecret, requestId, …) | nil, err
 function enos.replace_device(opts) return one_shot("replace_device", opts) end
 
---- One-shot Get Device with options from the table and the environment.
+--- One-shot Get Device with options from the table, the environment and the profile file.
+-- @tparam table opts client options (enos.client.OPTIONS) and the call's parameters (assetId | productKey +
+--   deviceKey, requireSecret, orgId)
+-- @return the device (Client:get_device) | nil, err
 function enos.get_device(opts) return one_shot("get_device", opts) end
 
 -- Higher layers load on first use, so `require "enos"` stays light.

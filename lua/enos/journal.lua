@@ -200,6 +200,7 @@ function J:durable(seq)
   return self.synced >= seq
 end
 
+--- Flushes (writes and fsyncs what is pending) and closes the journal; a second close does nothing.
 function J:close()
   if self.f then
     self:flush()

@@ -3,6 +3,7 @@
 local cjson = require "cjson.safe"
 
 local M = {}
+--- JSON null as lua-cjson decodes it (`cjson.null`).
 M.null = cjson.null
 
 --- Decodes s; returns value | nil, message. JSON null becomes nil inside tables.

@@ -12,6 +12,7 @@
 -- `lua_shared_dict`, shared by every worker, and only one worker at a time fetches or refreshes it
 -- (the others wait for its result). Nothing is fetched when a module is required or a client created.
 -- @module enos.ngx
+
 -- luacheck: globals ngx
 local client_mod = require "enos.client"
 local errors = require "enos.errors"
@@ -25,6 +26,7 @@ local function phase()
 end
 
 --- True when running inside nginx.
+-- @function in_nginx
 M.in_nginx = tngx.in_nginx
 
 --- Checks that the current phase allows EnOS calls (cosockets).

@@ -8,16 +8,21 @@ local target_mod = require "enos.target"
 local M = {}
 
 local KNOWN = { assetId = true, productKey = true, deviceKey = true, newDeviceKey = true, orgId = true }
+--- The plan's own columns (a set); any other column is an extra, carried into the outputs.
 M.KNOWN = KNOWN
 
 local tointeger = math.tointeger       -- (nil on Lua 5.1/LuaJIT, where 7.0 prints as 7 anyway)
 
-M.MAX_EXTRA = 1024    -- bytes in a carried-through (extra) cell
-M.MAX_LINE = 65536    -- bytes in one plan record (a quoted CSV field's line breaks included)
-M.MAX_NAME = 128      -- bytes in a column (or JSONL field) name
-M.MAX_EXTRA_COLUMNS = 64   -- distinct extra columns (JSONL fields) carried into the outputs
+--- Bytes in a carried-through (extra) cell.
+M.MAX_EXTRA = 1024
+--- Bytes in one plan record (a quoted CSV field's line breaks included).
+M.MAX_LINE = 65536
+--- Bytes in a column (or JSONL field) name.
+M.MAX_NAME = 128
+--- Distinct extra columns (JSONL fields) carried into the outputs.
+M.MAX_EXTRA_COLUMNS = 64
 
--- Names the batch's outputs use for their own columns (credentials and results files): a plan column of the
+--- Names the batch's outputs use for their own columns (credentials and results files): a plan column of the
 -- same name would give an output two columns of one name and put the plan's value where ours belongs.
 M.RESERVED = { line = true, deviceSecret = true, encryptedSecret = true, sessionKey = true, outcome = true,
   target = true, error_kind = true, error_code = true, message = true }
@@ -26,13 +31,17 @@ M.RESERVED = { line = true, deviceSecret = true, encryptedSecret = true, session
 local KNOWN_LOWER = {}
 for k in pairs(KNOWN) do KNOWN_LOWER[k:lower()] = k end
 
--- A short, printable excerpt of untrusted text for a message.
 local function excerpt(v, n)
   n = n or 40
   v = tostring(v):gsub("[%z\1-\31\127]", "?")
   if #v > n then v = v:sub(1, n) .. "…" end
   return v
 end
+--- A short, printable excerpt of untrusted text for a message: control characters become `?`, cut at `n`
+-- bytes (default 40).
+-- @function excerpt
+-- @param v the text (any value: tostring)
+-- @tparam[opt=40] number n
 M.excerpt = excerpt
 
 -- A column or field name: short, printable, not one of ours, not a known column in another case.
@@ -51,8 +60,10 @@ local function check_name(name)
   return nil
 end
 
---- True when s is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
 local valid_utf8 = json.valid_utf8
+--- True when s is well-formed UTF-8 (no overlongs, surrogates or code points past U+10FFFF).
+-- @function valid_utf8
+-- @tparam string s
 M.valid_utf8 = valid_utf8
 
 -- A carried-through value: a scalar, short, printable, UTF-8. Returns nil | message.
@@ -117,6 +128,11 @@ local function split_csv(line, more)
     end
   end
 end
+--- Splits one CSV record (RFC 4180: quotes, doubled quotes): fields | nil, message. `more()` returns the next
+-- physical line, for a quoted line break.
+-- @function split_csv
+-- @tparam string line
+-- @tparam[opt] function more
 M.split_csv = split_csv
 
 -- (the common case, nothing to trim, costs two byte reads: plans are large)
@@ -196,6 +212,9 @@ local NOT_TEXT = {
   { "^%z", "binary, not text (it starts with a NUL byte)" },
 }
 
+--- Opens a plan: a reader (`rows`, `close`) | nil, message. `format` is "csv" or "jsonl"; without it, the
+-- name decides (.jsonl, .ndjson, .json; .csv), else the first line (`{`: JSON Lines). A file that is not a
+-- regular file, or is a spreadsheet export or an archive rather than text, is refused with what to do.
 function M.open(path, format)
   local st = core.stat(path)
   if st and st.type ~= "file" then
@@ -221,8 +240,10 @@ function M.open(path, format)
   return setmetatable({ f = f, path = path, format = format }, { __index = M.Reader })
 end
 
+--- The methods of a plan reader (what `open` returns).
 M.Reader = {}
 
+--- Closes the plan file (a second close does nothing).
 function M.Reader:close()
   if self.f then self.f:close() self.f = nil end
 end
@@ -376,9 +397,11 @@ function M.Reader:rows()
   end
 end
 
---- True when UTF-8 text holds a character that is invisible or turns the text's direction (U+00AD, U+200B-200F,
--- U+202A-202E, U+2060-2064, U+2066-2069, U+FEFF): an identifier with one looks like another, names no device,
--- and reorders a terminal line it is printed in.
+--- Where UTF-8 text holds a character that is invisible or turns the text's direction (U+00AD, U+200B-200F,
+-- U+202A-202E, U+2060-2064, U+2066-2069, U+FEFF), or nil: an identifier with one looks like another, names no
+-- device, and reorders a terminal line it is printed in (enos.target.invisible).
+-- @function invisible
+-- @tparam string v
 M.invisible = target_mod.invisible
 
 --- Validates one row's fields: returns target {assetId|productKey,deviceKey, newDeviceKey, orgId} | nil, message,

@@ -11,8 +11,10 @@ local workflow = require "enos.workflow"
 
 local M = {}
 
+--- The device fields the preflight's searches ask for.
 M.PROJECTION = { "assetId", "orgId", "productKey", "deviceKey", "status", "productType" }
-M.MAX_LISTED = 1000           -- problems kept in the report (all are counted)
+--- Problems (and gateway notes) kept in the report; all problems are counted.
+M.MAX_LISTED = 1000
 
 local function describe(t)
   return t.assetId and ("asset " .. t.assetId) or (t.productKey .. "/" .. t.deviceKey)

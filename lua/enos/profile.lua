@@ -24,6 +24,7 @@ M.SETTINGS = {
 
 local BY_NAME = {}
 for _, s in ipairs(M.SETTINGS) do BY_NAME[s.name] = s end
+--- The settings by name (profile key).
 M.BY_NAME = BY_NAME
 
 local function getter(env)

@@ -43,6 +43,7 @@ function M.new(opts)
   return self
 end
 
+--- The monotonic clock in milliseconds (`sched.now()`, no self).
 function Sched.now() return core.monotonic_ms() end
 
 local function in_task(self)
@@ -269,6 +270,7 @@ function Sched:run()
   return true
 end
 
+--- Closes the libcurl multi handle.
 function Sched:close()
   if self.multi then self.multi:close() end
 end

@@ -13,12 +13,15 @@ local OPTIONS = {
   key_format = { "raw", "base64", "hex" },
   encoding = { "base64", "base64url", "hex" },
 }
+--- The parts of a scheme table and the values each may take: rsa_padding (pkcs1, oaep, oaep-sha256), aes_mode
+-- (ecb, cbc, gcm), key_format (raw, base64, hex), encoding (base64, base64url, hex).
 M.OPTIONS = OPTIONS
 
 --- Named schemes.
 M.SCHEMES = {
   ["enos-v2.4"] = { rsa_padding = "pkcs1", aes_mode = "ecb", key_format = "raw", encoding = "base64" },
 }
+--- The scheme used when none is named.
 M.DEFAULT = "enos-v2.4"
 
 local function one_of(list, v)
@@ -54,6 +57,9 @@ end
 local function describe(s)
   return string.format("%s/%s/%s/%s", s.rsa_padding, s.aes_mode, s.key_format, s.encoding)
 end
+--- A resolved scheme as text: "rsa_padding/aes_mode/key_format/encoding".
+-- @function describe
+-- @tparam table s a scheme (`resolve`'s result)
 M.describe = describe
 
 local function try(key, session_key, secret, s, run)

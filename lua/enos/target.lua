@@ -7,9 +7,12 @@ local json = require "enos.json"
 
 local M = {}
 
+--- The fields of a target, in order.
 M.FIELDS = { "assetId", "productKey", "deviceKey", "newDeviceKey", "orgId" }
-M.MAX = 64                                   -- bytes: the platform's identifiers are short
-M.KEY_PATTERN = "^[A-Za-z0-9_.%-]+$"         -- a device key: letters, digits, '-', '_', '.'
+--- Bytes in one field's value: the platform's identifiers are short.
+M.MAX = 64
+--- The pattern of a device key: letters, digits, '-', '_', '.'.
+M.KEY_PATTERN = "^[A-Za-z0-9_.%-]+$"
 
 --- Whether v holds an invisible or text-direction character (zero-width space or joiner, bidi controls, BOM,
 -- soft hyphen): an identifier with one looks like another, names no device, and reorders a terminal line it is

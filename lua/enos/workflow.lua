@@ -29,8 +29,9 @@ M.DEFAULTS = {
   format = "json",
   steps = true,            -- false: a lean report (no step records, no provisioning record) for many rows
   max_retry_after = 300,   -- seconds: the longest Retry-After honoured (a longer one is cut, with a warning)
-  prove_key = true,        -- preflight reads the current secret and decrypts it: a wrong private key stops
-                           -- before anything changes (a batch proves the key once itself: false per row)
+  -- preflight reads the current secret and decrypts it: a wrong private key stops before anything changes
+  -- (a batch proves the key once itself: false per row)
+  prove_key = true,
 }
 
 local KNOWN_OPTS = {
@@ -42,6 +43,7 @@ local KNOWN_OPTS = {
   max_retry_after = true,
 }
 
+--- The formats of the provisioning record (`format`): json, env, text.
 M.FORMATS = { json = true, env = true, text = true }
 
 -- ---------------------------------------------------------------- small helpers
@@ -53,6 +55,10 @@ local function default_sleep(seconds)
   if ngx_ok and enos_ngx.in_nginx() and enos_ngx.check_phase() then return enos_ngx.sleep(seconds) end
   core.sleep(seconds)                   -- (monotonic, no shell)
 end
+--- The sleep used when `opts.sleep` is not given: inside nginx (in a phase with cosockets) it yields to nginx
+-- (enos.ngx.sleep); elsewhere it blocks (core.sleep, monotonic).
+-- @function default_sleep
+-- @tparam number seconds
 M.default_sleep = default_sleep
 
 -- Whether anything is at path (a dangling symlink too), without opening it (a FIFO's open would block).
@@ -95,6 +101,9 @@ local function fmt_ms(ms)
   if ms >= 10000 then return string.format("%.1f s", ms / 1000) end
   return string.format("%d ms", math.floor(ms + 0.5))
 end
+--- A duration in milliseconds as text: "N ms", "N.N s" from 10 s on, "?" for nil.
+-- @function fmt_ms
+-- @param ms a number, or nil
 M.fmt_ms = fmt_ms
 
 --- A multi-line summary; never shows a secret.
@@ -131,16 +140,22 @@ end
 local Ctx = {}
 Ctx.__index = Ctx
 
+--- The workflow's clock (ms).
+-- @local
 function Ctx:now() return self.clock() end
 
 local NO_STEP = {}
 
+--- Starts a step record (a shared empty one when steps are off).
+-- @local
 function Ctx:begin(name)
   if not self.o.steps then return NO_STEP end
   return { name = name, t0 = self:now() }
 end
 
--- detail is a string, or a format and its arguments (formatted only when steps are recorded).
+--- Ends a step: records it in the report and calls on_step. detail is a string, or a format and its arguments
+-- (formatted only when steps are recorded).
+-- @local
 function Ctx:finish(s, outcome, detail, ...)
   if s == NO_STEP then return nil end
   if select("#", ...) > 0 then detail = string.format(detail, ...) end
@@ -151,18 +166,23 @@ function Ctx:finish(s, outcome, detail, ...)
   return step
 end
 
+--- Adds a warning to the report.
+-- @local
 function Ctx:warn(msg)
   local w = self.report.warnings
   w[#w + 1] = msg
 end
 
+--- Sleeps `ms` milliseconds with the workflow's sleep, counting them in report.slept_ms.
+-- @local
 function Ctx:sleep_ms(ms)
   if ms <= 0 then return end
   self.report.slept_ms = (self.report.slept_ms or 0) + ms
   self.sleep(ms / 1000)
 end
 
--- Exponential backoff with jitter; honours Retry-After.
+--- Exponential backoff with jitter; honours Retry-After up to max_retry_after (warning when it cuts one).
+-- @local
 function Ctx:backoff(attempt, err)
   local ms = math.min(self.o.backoff_max_ms, self.o.backoff_ms * 2 ^ (attempt - 1))
   ms = ms * (0.75 + 0.5 * math.random())
@@ -178,7 +198,8 @@ function Ctx:backoff(attempt, err)
   self:sleep_ms(math.floor(ms))
 end
 
--- Retries an idempotent read, fn(...), on retryable (or garbled-reply) errors.
+--- Retries an idempotent read, fn(...), on retryable (or garbled-reply) errors, up to read_attempts.
+-- @local
 function Ctx:read(fn, ...)
   local attempt = 0
   while true do
@@ -193,7 +214,8 @@ function Ctx:read(fn, ...)
   end
 end
 
--- Ends the workflow with an error carrying the report.
+--- Ends the workflow with an error carrying the report: nil, err.
+-- @local
 function Ctx:fail(err, step, outcome)
   local r = self.report
   r.ok = false
@@ -287,6 +309,7 @@ end
 
 local RECORD_ORDER = { "assetId", "productKey", "deviceKey", "deviceSecret", "encrypted", "orgId", "endpoint",
   "apiVersion", "replacedAt", "outcome", "requestId" }
+--- The provisioning record's own fields (a set): `opts.record` cannot set them.
 M.RECORD_FIELDS = {}
 for _, k in ipairs(RECORD_ORDER) do M.RECORD_FIELDS[k] = true end
 
@@ -452,6 +475,10 @@ end
 --- Whether a replace result (or a device read with requireSecret) holds the new secret as the caller asked
 -- for it: a non-empty clear secret on V2.1 or when a private key is loaded; else, when the secret was
 -- requested, a complete encrypted pair; nothing when it was not requested.
+-- @function secret_in_hand
+-- @param client the client (does it decrypt?)
+-- @tparam boolean require_secret whether the secret was asked for
+-- @tparam table new the replace result or device read
 M.secret_in_hand = reconcile.secret_in_hand
 
 --- Why the device read for `target` cannot be replaced as asked (the checks a preflight makes, for one row

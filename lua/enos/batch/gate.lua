@@ -61,6 +61,10 @@ function Gate:paused()
   return self.pause_until > now and (self.pause_until - now) / 1000 or nil
 end
 
+--- Sends `req` through the base transport after `acquire`, calling `before_send(req)` before each attempt; a
+-- 429 (or a 503 on anything but a replace) pauses every task and is sent again, up to `retry_attempts` sends.
+-- @treturn table|nil the last reply (a 429/503 one when the attempts ran out)
+-- @return the transport's error when no reply came
 function Gate:send(req)
   local o = self.o
   local is_replace = req.call == "replace_device"       -- (named by the client: never guessed from a URL)

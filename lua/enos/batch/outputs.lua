@@ -10,8 +10,10 @@ local journal_mod = require "enos.journal"
 
 local M = {}
 
+--- The credentials file's columns, in order (the plan's extra columns follow).
 M.CREDENTIAL_COLUMNS = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret",
   "sessionKey", "outcome" }
+--- The results file's columns, in order (the plan's extra columns follow).
 M.RESULT_COLUMNS = { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind", "error_code", "message" }
 
 --- The format of an output: the one given, else by its name (.jsonl, .ndjson), else CSV.
@@ -43,6 +45,8 @@ local function open_out(path, columns, format, resume)
   return self
 end
 
+--- Buffers one record: a JSON line, or a CSV row of the file's columns.
+-- @local
 function Out:add(rec)
   if self.format == "jsonl" then
     self.buf[#self.buf + 1] = json.encode(rec) .. "\n"
@@ -52,7 +56,8 @@ function Out:add(rec)
   end
 end
 
--- Writes what is buffered (made durable by the batch's group commit, and at close).
+--- Writes what is buffered (made durable by the batch's group commit, and at close).
+-- @local
 function Out:flush()
   if #self.buf == 0 then return true end
   local data = table.concat(self.buf)
@@ -60,6 +65,8 @@ function Out:flush()
   return self.f:write(data)
 end
 
+--- Flushes, fsyncs and closes the file (once).
+-- @local
 function Out:close()
   if self.f then
     self:flush()
@@ -153,7 +160,7 @@ function Outputs:deliver(row, new, outcome)
   if rec.deviceSecret and not new.encrypted then self.cred_only = true end
 end
 
---- Whether the credentials file was given and already holds this new key.
+--- Whether this new key needs no delivery: no credentials file was given, or it already holds the key.
 function Outputs:delivered(new_key)
   return self.cred == nil or self.present[new_key] == true
 end

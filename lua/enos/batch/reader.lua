@@ -31,7 +31,7 @@ function M.new(sched, client, rows, opts)
     exhausted = false, stats = { reads = 0, reconciled_in_bulk = 0 } }, Reader)
 end
 
--- The next plan row as a batch row: {line, target, key, assetId, extra} | nil at the end.
+--- The next plan row as a batch row: {line, target, key, assetId, extra} | nil at the end (blank rows skipped).
 function Reader:plan_row()
   while true do
     local row = self.rows()

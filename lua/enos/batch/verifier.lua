@@ -15,7 +15,8 @@ local M = {}
 local Verifier = {}
 Verifier.__index = Verifier
 
---- opts: read_batch, settle_ms, read_attempts, max_retry_after, on_verified(row, report, problems, notes).
+--- A verifier that reads rows back through `client`, its waits run by `sched` (enos.scheduler).
+-- opts: read_batch, settle_ms, read_attempts, max_retry_after, on_verified(row, report, problems, notes).
 function M.new(sched, client, opts)
   return setmetatable({ sched = sched, client = client, o = opts, q = {}, first = 1, last = 0, producers = 0,
     reads = 0 }, Verifier)
@@ -30,6 +31,8 @@ end
 
 --- How many tasks may still add rows; `done()` when one ends.
 function Verifier:expect(n) self.producers = n end
+
+--- One task that added rows has ended (see `expect`).
 function Verifier:done()
   self.producers = self.producers - 1
   self.sched:signal("verify")

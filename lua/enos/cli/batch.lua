@@ -229,7 +229,9 @@ function run_plan(c, args, h, plan_path, plan_name)
     end
   end
 
-  local tty_err = c.stderr_tty
+  -- a live line (carriage return, erase) only on a terminal that understands it; else a plain line every 5 s
+  local term = c.getenv("TERM")
+  local tty_err = c.stderr_tty and term ~= "dumb" and (c.getenv("NO_COLOR") or "") == ""
   local last_line = 0
   local function progress(p)
     local line = string.format("%d/%d done  %.1f/s  ETA %s  retries %d  failed %d", p.done, p.total, p.rate,
@@ -258,6 +260,13 @@ function run_plan(c, args, h, plan_path, plan_name)
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
     read_batch = args.read_batch,
+    on_resume = function(r)
+      if r.reverify then
+        h.say(c, "resuming: %d of %d rows are done in the journal; --reverify reads them back first", r.done, r.total)
+      else
+        h.say(c, "resuming: %d of %d rows remain", r.remaining, r.total)
+      end
+    end,
   })
   client:close()
   if not s and tostring(err.message):find("interrupted!", 1, true) then

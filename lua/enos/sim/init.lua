@@ -14,6 +14,9 @@ local NGINX_MODULES = "/usr/lib/nginx/modules"
 local function q(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
 end
+--- `s` quoted for a POSIX shell (single quotes).
+-- @function shell_quote
+-- @param s
 M.shell_quote = q
 
 -- os.execute returns differ between 5.1 and 5.2+: normalise to true/false.
@@ -156,6 +159,21 @@ local function nginx_bin()
   local ok, out = capture("command -v nginx")
   if ok and out:match("%S") then return (out:gsub("%s+$", "")) end
   return nil
+end
+
+--- The versions a bug report needs: enos-sim's (the enos it ships with), nginx's, and the Lua that runs it.
+-- @treturn string lines "enos-sim V", "nginx: …", "Lua: …"
+function M.version_text()
+  local ok_core, core = pcall(require, "enos.core")
+  local v = ok_core and core._VERSION or "(enos.core not built)"
+  local bin = nginx_bin()
+  local nginx = "not found (Debian package nginx)"
+  if bin then
+    local ok, out = capture(q(bin) .. " -v 2>&1")
+    nginx = ok and (out:match("nginx version: (%S+)") or out:gsub("%s+$", "")) or "found, no version"
+  end
+  return string.format("enos-sim %s\nnginx: %s\nLua: %s\n", v, nginx,
+    (type(jit) == "table" and jit.version) or _VERSION)
 end
 
 --- Check that nginx and every module the simulator needs are installed; ok or nil, message.
@@ -332,6 +350,9 @@ local function read_pid(prefix)
   local s = read_file(prefix .. "/logs/nginx.pid")
   return s and tonumber(s:match("%d+"))
 end
+--- The pid in a prefix's logs/nginx.pid, or nil.
+-- @function read_pid
+-- @tparam string prefix
 M.read_pid = read_pid
 
 local function tail(path, n)
@@ -475,6 +496,7 @@ function M.is_master_of(pid, prefix)
   return cmd:find("-p " .. prefix .. " ", 1, true) ~= nil or cmd:find("-p " .. prefix .. "/ ", 1, true) ~= nil
 end
 
+--- The file (relative to a prefix) that marks a prefix this launcher made: `remove_prefix` removes only a directory with it.
 M.MARK = "conf/enos-sim.prefix"
 
 --- Remove a prefix directory: only one this launcher made (its mark), owned by the user, not a symlink.
