@@ -79,6 +79,40 @@ describe("enos-replace batch", function()
     assert.matches("%-%-out", err)
   end)
 
+  it("without a private key refuses to start (the secrets could not be read) unless --no-secret", function()
+    local nokey = { ENOS_PRIVATE_KEY_FILE = false }
+    for _, extra in ipairs { { "--out", dir .. "/c_nokey.csv" }, {} } do
+      local argv = { "batch", plan("p_nokey.csv", 1, 2), "--yes" }
+      for _, a in ipairs(extra) do argv[#argv + 1] = a end
+      local code, _, err = run(argv, { env = nokey })
+      assert.equal(2, code, err)
+      assert.matches("no private key is configured", err, 1, true)
+      assert.matches("--no-secret", err, 1, true)
+    end
+    for i = 1, 2 do assert.equal(("OLD-%05d"):format(i), h:device(("B%07d"):format(i)).deviceKey) end
+    assert.is_nil(io.open(dir .. "/c_nokey.csv"))
+    local code, _, err = run({ "batch", plan("p_nokey3.csv", 3, 3), "--yes", "--no-secret" }, { env = nokey })
+    assert.equal(0, code, err)
+    assert.equal("NEW-00003", h:device("B0000003").deviceKey)
+  end)
+
+  it("a wrong secret key stops the batch (and --dry-run) at once: one error, exit 3, no journal", function()
+    local p = plan("p_badkey.csv", 1, 3)
+    for _, extra in ipairs { { "--out", dir .. "/c_badkey.csv", "--yes" }, { "--no-secret", "--yes" }, { "--dry-run" } } do
+      local argv = { "batch", p }
+      for _, a in ipairs(extra) do argv[#argv + 1] = a end
+      local before = #h:log()
+      local code, _, err = run(argv, { env = { ENOS_SECRET_KEY = "not-the-secret-key" } })
+      assert.equal(3, code, err)
+      assert.matches("auth", err, 1, true)
+      local _, lines = err:gsub("\n", "")
+      assert.is_true(lines <= 2, err)
+      assert.equal(1, #h:log() - before, "one token request, nothing else")
+      assert.is_nil(io.open(p .. ".journal"))
+    end
+    assert.equal("OLD-00001", h:device("B0000001").deviceKey)
+  end)
+
   it("asks on a terminal and does nothing when not confirmed", function()
     local before = #h:log()
     local code, _, err = run({ "batch", plan("p2.csv", 4, 5), "--out", dir .. "/c2.csv" }, { isatty = true, answer = "n" })

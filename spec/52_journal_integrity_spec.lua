@@ -29,7 +29,7 @@ describe("journal integrity", function()
     kp = H.keypair()
     dir = H.tmpdir()
     local devices = {}
-    for i = 1, 60 do
+    for i = 1, 70 do      -- (61-70: the lock and the identity)
       devices[i] = { productKey = "pk_demo", deviceKey = ("OLD-%05d"):format(i), assetId = ("J%07d"):format(i) }
     end
     h = sim.start { config = { apps = { { access_key = "ak", secret_key = "sk", public_key_file = kp.public_file } },
@@ -71,6 +71,43 @@ describe("journal integrity", function()
     return count
   end
 
+  it("a journal is locked while its batch runs: a second run on it is refused, and resumes once it ended",
+    function()
+    local d, plan = plan_of(61, 63)
+    local second
+    local s = assert(batch.run(client(), plan, opts(d, { progress = function()
+      if not second then
+        local r, err = batch.run(client(), plan, opts(d, { resume = true }))
+        second = { r = r, err = err }
+      end
+    end })))
+    assert.equal(3, s.done)
+    assert.is_nil(second.r)
+    assert.equal("config", second.err.kind)
+    assert.matches("journal " .. d .. "/plan.journal is in use", second.err.message, 1, true)
+    for i = 61, 63 do assert.equal(1, replaces_of(("J%07d"):format(i))) end
+    -- ended: the lock is gone with it
+    local again = assert(batch.run(client(), plan, opts(d, { resume = true })))
+    assert.equal(3, again.skipped)
+  end)
+
+  it("a resume against another organization or application is refused before anything is sent", function()
+    local d, plan = plan_of(64, 65)
+    assert(batch.run(client(), plan, opts(d, { out = d .. "/c.csv" })))
+    local before = #h:log()
+    local other = assert(enos.client { endpoint = h.url, access_key = "ak2-other", secret_key = "sk", org_id = "o_other",
+      private_key_file = kp.private_file, timeout = 5 })
+    local r, err = batch.run(other, plan, opts(d, { out = d .. "/c.csv", resume = true }))
+    assert.is_nil(r)
+    assert.equal("config", err.kind)
+    assert.matches("journal " .. d .. "/plan.journal was written against another platform or application", err.message,
+      1, true)
+    assert.matches("org " .. ORG .. ", now o_other", err.message, 1, true)
+    assert.matches("application ak…, now ak2-…", err.message, 1, true)
+    assert.equal(before, #h:log())               -- not one request
+  end)
+
+
   it("rows added to the plan while the batch runs do not run: exactly the checked rows", function()
     local d, plan = plan_of(1, 6)
     local appended = false
@@ -90,7 +127,7 @@ describe("journal integrity", function()
     -- and a resume with the plan as it is now is refused: it is not the plan this journal checked
     local r, err = batch.run(client(), plan, opts(d, { resume = true }))
     assert.is_nil(r)
-    assert.matches("is not the one journal was started with", err.message, 1, true)
+    assert.matches("is not the one journal " .. d .. "/plan.journal was started with", err.message, 1, true)
     assert.equal("OLD-00007", h:device("J0000007").deviceKey)
   end)
 
@@ -123,7 +160,8 @@ describe("journal integrity", function()
     local e = {}
     local code = cli.main { argv = { "batch", plan, "--out", d .. "/c2.csv", "--results", d .. "/./c2.csv", "--yes" },
       env = { ENOS_ENDPOINT = h.url,
-      ENOS_ACCESS_KEY = "ak", ENOS_SECRET_KEY = "sk", ENOS_ORG_ID = ORG, ENOS_CONFIG = d .. "/none", HOME = d },
+      ENOS_ACCESS_KEY = "ak", ENOS_SECRET_KEY = "sk", ENOS_ORG_ID = ORG, ENOS_CONFIG = d .. "/none", HOME = d,
+      ENOS_PRIVATE_KEY_FILE = kp.private_file },
       stdout = function() end, stderr = function(x) e[#e + 1] = x end }
     assert.equal(2, code, table.concat(e))
     assert.matches("same file", table.concat(e), 1, true)
@@ -222,7 +260,10 @@ describe("journal integrity", function()
       -- the last line cut in the middle of its secret, as a full disk leaves it
       local text = H.readfile(out)
       local last_start = text:sub(1, -2):match(".*()\n") + 1
-      local secret = h:device(("J%07d"):format(first + 3)).deviceSecret
+      -- (rows are written as they complete, in any order: the last line's own asset)
+      local last = text:sub(last_start, -2)
+      local last_asset = fmt == "jsonl" and cjson.decode(last).assetId or require("enos.plan").split_csv(last)[2]
+      local secret = h:device(last_asset).deviceSecret
       local at = text:find(secret, last_start, true)
       assert.truthy(at)
       H.writefile(out, text:sub(1, at + 4))

@@ -1,11 +1,13 @@
 /* Durable files for journals and credentials: created 0600 without a race
  * (O_CREAT|O_EXCL or O_APPEND with an explicit mode), written fully, fsynced,
  * and the directory fsynced after a creation. */
+#define _DEFAULT_SOURCE 1      /* flock(2) */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include "file.h"
 
@@ -103,6 +105,26 @@ static int file_sync(lua_State *L) {
   if (fsync(f->fd) != 0) {
     lua_pushnil(L);
     lua_pushfstring(L, "fsync failed: %s", strerror(errno));
+    return 2;
+  }
+  lua_pushboolean(L, 1);
+  return 1;
+}
+
+/* f:lock() -> true | false, "busy" | nil, message: an exclusive flock(2) on the open file, without waiting.
+ * Held until the file is closed or the process ends (a kill -9 included); closing another descriptor of the
+ * same file does not release it (unlike fcntl locks). A journal is locked so that two runs cannot append to it
+ * at once. */
+static int file_lock(lua_State *L) {
+  enos_file *f = check_file(L);
+  if (flock(f->fd, LOCK_EX | LOCK_NB) != 0) {
+    if (errno == EWOULDBLOCK) {
+      lua_pushboolean(L, 0);
+      lua_pushliteral(L, "busy");
+      return 2;
+    }
+    lua_pushnil(L);
+    lua_pushfstring(L, "flock failed: %s", strerror(errno));
     return 2;
   }
   lua_pushboolean(L, 1);
@@ -225,6 +247,7 @@ static const luaL_Reg file_methods[] = {
   {"write", file_write},
   {"sync", file_sync},
   {"mode", file_mode},
+  {"lock", file_lock},
   {"close", file_close},
   {NULL, NULL}
 };

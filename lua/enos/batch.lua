@@ -97,17 +97,42 @@ end
 
 -- ---------------------------------------------------------------- resume: the journal against its plan
 
+--- Whether a journal's header names the platform, organization and application this client is configured
+-- for (a resume against another environment would skip rows done elsewhere and write another platform's
+-- secrets as done). Returns nil (the same, or a journal too old to say) | err.
+-- @tparam table header the journal's first record
+-- @param client the batch's client
+-- @tparam string jpath the journal's path (named in the message)
+function M.check_identity(header, client, jpath)
+  header = header or {}
+  local function app(ak) return ak and (tostring(ak):sub(1, 4) .. "…") or "?" end
+  local diffs = {}
+  if header.endpoint and header.endpoint ~= client.endpoint then
+    diffs[#diffs + 1] = ("endpoint %s, now %s"):format(header.endpoint, tostring(client.endpoint))
+  end
+  if header.orgId and header.orgId ~= client.org_id then
+    diffs[#diffs + 1] = ("org %s, now %s"):format(header.orgId, tostring(client.org_id))
+  end
+  if header.appKey and header.appKey ~= client.access_key then
+    diffs[#diffs + 1] = ("application %s, now %s"):format(app(header.appKey), app(client.access_key))
+  end
+  if #diffs == 0 then return nil end
+  return errors.new("config", ("journal %s was written against another platform or application (%s): resume " ..
+    "it with the settings that started it (--profile, ENOS_*), or start this batch with another --journal")
+    :format(jpath, table.concat(diffs, "; ")), { field = "journal" })
+end
+
 --- Checks, before anything is sent, that a journal being resumed belongs to this plan: the plan's fingerprint
 -- must be the header's, and every done record's new key (and asset, where the plan names one) must be its plan
 -- row's. With reverify, a difference is no error: the done rows are read back from the platform instead
 -- (state.reverify). Returns nil | an error naming the journal line and the plan line.
-function M.check_resume(state, plan, src, o)
+function M.check_resume(state, plan, src, o, jpath)
   local h = state.header or {}
   if h.plan_sha256 and src.fp and (h.plan_sha256 ~= src.fp.sha256 or h.plan_size ~= src.fp.size) then
     if not o.reverify then
-      return errors.new("invalid_argument", ("the plan %s is not the one journal was started with (%d bytes then, " ..
+      return errors.new("invalid_argument", ("the plan %s is not the one journal %s was started with (%d bytes then, " ..
         "%d now): resume with the original plan, or add --reverify to read every done row back from the " ..
-        "platform and trust only what it shows"):format(src.name, tonumber(h.plan_size) or -1, src.fp.size),
+        "platform and trust only what it shows"):format(src.name, tostring(jpath), tonumber(h.plan_size) or -1, src.fp.size),
         { field = "plan" })
     end
     state.reverify = true
@@ -329,31 +354,44 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     proof, perr = M.prove_key(client, plan, { require_secret = o.require_secret, plan_format = src.format or o.plan_format })
     return perr
   end
+  -- The token first: a refused key (auth, config) fails every row alike, so it stops the batch here, before
+  -- anything is created. (A retryable failure is left to the rows: they retry it.)
+  local authed, aerr = client:authenticate()
+  if not authed and (aerr.kind == "auth" or aerr.kind == "config" or aerr.kind == "permission") then
+    return nil, aerr
+  end
   if not o.resume and prove() then return nil, perr end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
 
+  -- The journal's lock first: from here on no other run touches this batch's files (a second run on the same
+  -- journal is refused while this one lives).
+  local lock, lerr = journal_mod.lock(jpath, { resume = o.resume })
+  if not lock then return nil, errors.new("config", lerr) end
   local present = {}          -- new keys already in the credentials file (filled on resume only)
   local cred_format = outputs_mod.format_of(o.out, o.format)
   local warnings = {}
   if o.resume then
     local notes, rerr = outputs_mod.repair { { o.out, "credentials file" }, { rpath, "results file" } }
-    if not notes then return nil, errors.new("config", rerr) end
+    if not notes then lock.f:close() return nil, errors.new("config", rerr) end
     for _, n in ipairs(notes) do warnings[#warnings + 1] = n end
     if o.out then present = outputs_mod.keys_in(o.out, cred_format) end
   end
-  local journal, jstate = journal_mod.open(jpath, { resume = o.resume,
+  local journal, jstate = journal_mod.open(jpath, { resume = o.resume, lock = lock,
     keep_encrypted = function(rec) return o.out ~= nil and not present[rec.newDeviceKey] end })
   if not journal then return nil, errors.new("config", tostring(jstate)) end
   if jstate.repaired then warnings[#warnings + 1] = jstate.repaired end
   if not o.resume or journal.state.records == 0 then
     if o.resume and prove() then journal:close() return nil, perr end
     journal:append { t = "batch", plan = src.name, rows = chk.rows, version = core._VERSION,
-      plan_size = src.fp and src.fp.size, plan_sha256 = src.fp and src.fp.sha256 }
+      plan_size = src.fp and src.fp.size, plan_sha256 = src.fp and src.fp.sha256,
+      endpoint = client.endpoint, orgId = client.org_id, appKey = client.access_key }
   else
-    -- 2b. A resume trusts its journal only for the plan it was written for, row by row.
-    local bad = M.check_resume(journal.state, plan, src, o) or prove()
+    -- 2b. A resume trusts its journal only for the platform, organization and application it was written
+    -- against, and for the plan it was written for, row by row.
+    local bad = M.check_identity(journal.state.header, client, jpath) or M.check_resume(journal.state, plan, src, o, jpath)
+      or prove()
     if bad then
       journal:close()
       return nil, bad

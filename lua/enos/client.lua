@@ -361,6 +361,15 @@ function Client:_get_token(force)
   return newtok.value
 end
 
+--- Makes sure the client holds a valid access token (fetching one if needed; one token request, or none when
+-- it has a fresh one). A batch calls it first, so a wrong access or secret key stops it before any row starts.
+-- @return true | nil, err (`auth` for a refused key, `config` for an unknown application…)
+function Client:authenticate()
+  local tok, err = self:_get_token()
+  if not tok then return nil, err end
+  return true
+end
+
 --- Drops the cached token (the next call fetches one).
 function Client:reset_token() self._token = nil end
 

@@ -126,26 +126,64 @@ function M.repair(path, opts)
     #fragment, aside)
 end
 
---- Opens a journal for appending. opts.resume: the file may exist (and is read);
--- otherwise it must not exist. Returns journal, state | nil, err.
-function M.open(path, opts)
+local function open_locked(path, how)
+  local f, err = core.open_file(path, how)
+  if not f then return nil, err end
+  local ok, why = f:lock()
+  if ok then return f end
+  f:close()
+  if ok == false then
+    return nil, "journal " .. path .. " is in use: another batch holds its lock (still running?). Wait for it " ..
+      "to end, or stop it, then --resume; two runs on one journal would replace and record the same rows twice"
+  end
+  return nil, "journal " .. path .. ": cannot lock it: " .. tostring(why)
+end
+
+--- Takes a journal's lock before anything else touches the batch's files: opens it (a new journal must not exist
+-- unless opts.resume; it is created 0600) and locks it with an exclusive flock held until
+-- the journal is closed or the process ends (kill -9 included). A second run on the same journal is refused
+-- while the first one runs: two processes never append to one journal, nor repair its outputs at once.
+-- Returns a lock to pass to open (opts.lock) | nil, err.
+function M.lock(path, opts)
   opts = opts or {}
-  local state = { by_key = {}, records = 0 }
   local exists = io.open(path, "rb")
   if exists then
     exists:close()
     if not opts.resume then
       return nil, "journal " .. path .. " already exists: use --resume to continue that batch, or another --journal"
     end
+  end
+  local f, err = open_locked(path, (exists or opts.resume) and "append" or "excl")
+  if not f then return nil, err end
+  return { path = path, f = f, existed = exists and true or false }
+end
+
+--- Opens a journal for appending (locking it first unless opts.lock is M.lock's). opts.resume: the file may
+-- exist (and is read); otherwise it must not exist. Returns journal, state | nil, err.
+function M.open(path, opts)
+  opts = opts or {}
+  local lock, err = opts.lock
+  if not lock then
+    lock, err = M.lock(path, opts)
+    if not lock then return nil, err end
+  end
+  local f = lock.f
+  local state = { by_key = {}, records = 0 }
+  if lock.existed then
     local note, rerr = M.repair(path)
-    if rerr then return nil, "journal " .. path .. ": cannot repair its torn last line: " .. tostring(rerr) end
-    local st, err = M.read(path, opts.keep_encrypted)
-    if st then st.repaired = note end
-    if not st then return nil, err end
+    if rerr then f:close() return nil, "journal " .. path .. ": cannot repair its torn last line: " .. tostring(rerr) end
+    if note then
+      -- (a repair may have written the journal afresh: lock the file the path names now)
+      f:close()
+      f, err = open_locked(path, "append")
+      if not f then return nil, err end
+    end
+    local st
+    st, err = M.read(path, opts.keep_encrypted)
+    if not st then f:close() return nil, err end
+    st.repaired = note
     state = st
   end
-  local f, err = core.open_file(path, opts.resume and "append" or "excl")
-  if not f then return nil, err end
   if f:mode() % 64 ~= 0 then                 -- group or other permission bits
     io.stderr:write("enos: warning: journal " .. path .. " is readable by others (mode ", string.format("%o", f:mode()), ")\n")
   end

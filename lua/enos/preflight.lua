@@ -28,6 +28,11 @@ function M.run(client, plan, opts)
   opts = opts or {}
   local chk, cerr = require("enos.batch").checked(plan, { format = opts.format })
   if not chk then return nil, cerr end
+  -- a refused key would fail every row alike: one error, before any read (the token is needed anyway)
+  local authed, aerr = client:authenticate()
+  if not authed and (aerr.kind == "auth" or aerr.kind == "config" or aerr.kind == "permission") then
+    return nil, aerr
+  end
   local report = { rows = 0, ok = 0, problems = {}, problem_count = 0, gateways = 0, notes = {},
     calls = 0, searches = 0, gets = 0, halvings = 0 }
   local function problem(line, kind, message)

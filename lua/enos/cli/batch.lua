@@ -27,7 +27,8 @@ function M.add_command(p, h)
   b:group("Batch",
     b:option("--concurrency", "Rows in flight at once (default 8)."):argname("<n>"),
     b:option("--qps", "At most this many requests per second (default: no cap)."):argname("<r>"),
-    b:option("--out", "Credentials file (0600; .csv or .jsonl), written as rows complete."):argname("<file>"),
+    b:option("--out", "Credentials file (0600; .csv or .jsonl), written as rows complete. Required unless "
+      .. "--no-secret; the new secrets are decrypted with the private key, which is required too."):argname("<file>"),
     b:option("--journal", "Journal file (default PLAN.journal): makes the batch resumable."):argname("<file>"),
     b:option("--results", "Results file (default: the journal's name with .journal replaced by .results.csv): "
       .. "every row's outcome."):argname("<file>"),
@@ -66,8 +67,8 @@ Plan (CSV):
    productKey,deviceKey,newDeviceKey,site
    pk_inverter,INV-2231-A,INV-2231-B,North
 
-The journal holds the encrypted secrets only; the credentials file holds the decrypted ones
-(or the encrypted pair when no private key is configured).
+The journal holds the encrypted secrets only; the credentials file holds the decrypted ones. Without a
+private key a batch refuses to start (the new secrets could not be read) unless --no-secret.
 ]] .. "\n" .. M.EXIT_TEXT)
   return b
 end
@@ -209,6 +210,15 @@ function run_plan(c, args, h, plan_path, plan_name)
 
   local client, _ = h.make_client(c, args)
   if not client then return _ end
+  -- "done" means the new secret is in hand: on V2.4 that takes the application's private key. Without one, a
+  -- batch would replace every device and keep no secret, so it refuses unless told to (--no-secret).
+  if not args.no_secret and client.api_version ~= "v2.1" and not client:has_private_key() then
+    client:close()
+    h.say(c, "no private key is configured (--private-key-file or ENOS_PRIVATE_KEY_FILE): the new secrets could "
+      .. "not be read, and every device would be replaced without one. Configure the key, or add --no-secret to "
+      .. "replace without the secrets (the new units then need dynamic activation)")
+    return EXIT.usage
+  end
   local require_secret = not args.no_secret and client.api_version ~= "v2.1" and client:has_private_key()
   if (require_secret or client.api_version == "v2.1") and not args.out then
     h.say(c, "the new secrets need a place: give --out FILE (or --no-secret)")
@@ -276,7 +286,9 @@ function run_plan(c, args, h, plan_path, plan_name)
   end
   c.pending = nil
   if not s then
-    local code = err.kind == "invalid_argument" and EXIT.usage or (err.kind == "config" and EXIT.config or EXIT.network)
+    local code = err.kind == "invalid_argument" and EXIT.usage or
+      ((err.kind == "config" or err.kind == "auth") and EXIT.config or
+      (err.kind == "permission" and EXIT.refused or EXIT.network))
     return h.report_error(c, args, err, code)
   end
   for _, w in ipairs(s.warnings or {}) do h.say(c, "warning: %s", w) end
