@@ -2,9 +2,13 @@
 -- build step of ours) ships them: man/enos-replace.1 and completions/enos-replace.{bash,zsh,fish}.
 -- `make man` runs it; spec 34 fails when they differ from what this would write now.
 -- usage: lua5.4 scripts/generate.lua [DIR]   (DIR: where man/ and completions/ go; default: the checkout)
-package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
-package.cpath = "build/lua5.4/?.so;" .. package.cpath
-local dir = arg[1] or "."
+local as_script = not pcall(debug.getlocal, 4, 1)      -- (not required or dofile'd by a spec)
+if as_script then
+  local abi = (type(jit) == "table") and "luajit" or ("lua" .. _VERSION:match("%d+%.%d+"))
+  package.path = "lua/?.lua;lua/?/init.lua;" .. package.path
+  package.cpath = "build/" .. abi .. "/?.so;" .. package.cpath
+end
+local dir = arg and arg[1] or "."
 
 local function write(path, text)
   local f = assert(io.open(dir .. "/" .. path, "wb"))
@@ -26,7 +30,7 @@ function M.files()
   }
 end
 
-if not pcall(debug.getlocal, 4, 1) then          -- run as a script (not required by a spec)
+if as_script then
   for path, text in pairs(M.files()) do write(path, text) end
 end
 return M

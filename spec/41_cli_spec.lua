@@ -466,6 +466,10 @@ describe("enos-replace against the simulator", function()
         local r = run(argv)
         assert.equal(2, r.code, table.concat(argv, " ") .. "\n" .. r.err)
       end
+      -- a negative number is named as such (argparse alone would read it as an unknown option)
+      local r = run { "device", "--asset-id", "A1", "--new-key", "good_key", "--timeout", "-1", "--yes" }
+      assert.equal(2, r.code)
+      assert.matches("--timeout -1: a negative number is not a valid value", r.err, 1, true)
       assert.equal(0, #h:log())
     end)
 

@@ -82,6 +82,12 @@ describe("batch plan check", function()
     { "bad new key", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000002,bad key!\n", 3, "newDeviceKey" },
     { "duplicate target", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000001,NEW-00002\n", 3, "same device as line 2" },
     { "duplicate new key", "assetId,newDeviceKey\nA0000001,NEW-00001\nA0000002,NEW-00001\n", 3, "also the new key of line 2" },
+    { "duplicate new key in one product", "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,NEW-00001\n" ..
+      "pk_other,OLD-00001,NEW-00007\npk_demo,OLD-00002,NEW-00001\n", 4, "also the new key of line 2" },
+    { "a new key by assetId that a product's row takes too", "assetId,productKey,deviceKey,newDeviceKey\n" ..
+      "A0000001,,,NEW-00001\n,pk_other,OLD-00001,NEW-00001\n", 3, "also the new key of line 2" },
+    { "chained rename by asset and key", "assetId,productKey,deviceKey,newDeviceKey\nA0000001,,,NEW-00001\n" ..
+      ",pk_demo,NEW-00001,NEW-00009\n", 3, "chained" },
     { "new equals old", "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,OLD-00001\n", 2, "equals the current" },
     { "chained rename", "productKey,deviceKey,newDeviceKey\npk_demo,OLD-00001,NEW-00001\npk_demo,NEW-00001,NEW-00009\n", 3,
       "chained" },
@@ -109,6 +115,15 @@ describe("batch plan check", function()
       assert.equal(before, #h:log())
     end)
   end
+
+  it("check accepts one new key in two products (keys are unique per product)", function()
+    local path = dir .. "/two_products.csv"
+    H.writefile(path, "productKey,deviceKey,newDeviceKey\npk_demo,DEV-A-1,SHARED-1\npk_other,DEV-A-1,SHARED-1\n" ..
+      "pk_other,SHARED-1X,SHARED-2\npk_demo,DEV-A-2,SHARED-1X\n")
+    local res = assert(batch.check(path))
+    assert.equal(4, res.rows)
+    assert.same({}, res.errors)
+  end)
 
   it("check on a JSONL plan reports a line that is not an object", function()
     local path = dir .. "/bad.jsonl"

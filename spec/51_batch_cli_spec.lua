@@ -154,7 +154,7 @@ describe("enos-replace batch", function()
       local code, _, err = run({ "batch", plan("p_prog" .. i .. ".csv", first, last), "--out",
         dir .. "/c_prog" .. i .. ".csv", "--yes" }, { env = extra, stderr_tty = tty })
       assert.equal(0, code, err)
-      assert.matches(n .. "/" .. n .. " done", err, 1, true)
+      assert.matches(n .. "/" .. n .. " finished", err, 1, true)
       if live then
         assert.truthy(err:find("\r\27[K", 1, true), "case " .. i .. ": no live line")
       else

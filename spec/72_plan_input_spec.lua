@@ -43,6 +43,17 @@ describe("plan check refuses", function()
     assert.matches("column assetId appears twice", messages(res), 1, true)
   end)
 
+  it("spreadsheet exports in their own words: CR-only line ends, tab-separated, a trailing comma", function()
+    local res = check_text(dir, "cr.csv", "productKey,deviceKey,newDeviceKey\rpk_demo,OLD-00001,NEW-00001\r")
+    assert.matches("1: header: the plan's lines end with a carriage return only (an old Mac export)", messages(res),
+      1, true)
+    res = check_text(dir, "tab.csv", "productKey\tdeviceKey\tnewDeviceKey\npk_demo\tOLD-00001\tNEW-00001\n")
+    assert.matches("1: header: the plan is tab-separated", messages(res), 1, true)
+    res = check_text(dir, "comma.csv", "productKey,deviceKey,newDeviceKey,\npk_demo,OLD-00001,NEW-00001,\n")
+    assert.matches("1: header: an empty column name at the end (a trailing comma in the header?)", messages(res), 1,
+      true)
+  end)
+
   it("a known column in another case (DeviceKey for deviceKey would be carried, not used)", function()
     local res = check_text(dir, "case.csv", "productKey,DeviceKey,deviceKey,newDeviceKey\npk,X,OLD-1,NEW-00001\n")
     assert.matches("column DeviceKey: did you mean deviceKey?", messages(res), 1, true)

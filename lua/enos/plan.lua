@@ -359,9 +359,22 @@ function M.Reader:rows()
           header = {}
           for i, name in ipairs(cells) do header[i] = trim(name) end
           self.header = header
+          -- what a spreadsheet export gets wrong, said in its own words before the name checks
+          local raw = table.concat(cells, ",")
+          if raw:find("\r", 1, true) then
+            return false, { line = start, fatal = true, message = "header: the plan's lines end with a carriage " ..
+              "return only (an old Mac export): save it as CSV with LF or CRLF line ends" }
+          end
+          if #cells == 1 and raw:find("\t", 1, true) then
+            return false, { line = start, fatal = true, message = "header: the plan is tab-separated: save it " ..
+              "as CSV (comma-separated)" }
+          end
           local has = {}
-          for _, name in ipairs(header) do
+          for i, name in ipairs(header) do
             local bad = check_name(name)
+            if name == "" and i == #header and i > 1 then
+              bad = "an empty column name at the end (a trailing comma in the header?)"
+            end
             if not bad and has[name] then
               -- a spreadsheet export that repeats a column: the last one would silently win
               bad = "column " .. name .. " appears twice in the header"
@@ -424,8 +437,8 @@ end
 
 --- Checks a whole plan (streamed). Returns {rows = n, errors = {{line, message}…}, error_count = n,
 -- extra_columns = {…}, format = …} | nil, message.
--- Duplicates: the same target twice, the same newDeviceKey twice, and a newDeviceKey that is another row's
--- current deviceKey (a chained rename).
+-- Duplicates: the same target twice, the same newDeviceKey twice in one product (rows named by assetId: in
+-- any product), and a newDeviceKey that is another row's current deviceKey (a chained rename).
 -- Memory stays flat in the plan's size: the first pass keeps only 64-bit fingerprints of the keys (a C set,
 -- about 16 MB a million rows); a fingerprint seen twice may be a collision, so when there are any, a second
 -- pass re-reads the plan and keeps the exact keys of just those fingerprints, and only it reports duplicates.
@@ -507,7 +520,11 @@ end
 -- Returns the errors (line order, at most max_errors) and their count.
 function M._duplicates(path, format, maybe, max_errors)
   local reader = assert(M.open(path, format))
-  local targets, newkeys, errs, n = {}, {}, {}, 0
+  local targets, newkeys, anypk, errs, n = {}, {}, {}, {}, 0
+  local function bucket(t, key)
+    if t.productKey then return "n:" .. (t.orgId or "") .. ":" .. t.productKey .. ":" .. key end
+    return "n:*:" .. key
+  end
   local function add(line, message)
     n = n + 1
     if #errs < max_errors then errs[#errs + 1] = { line = line, message = message } end
@@ -519,11 +536,20 @@ function M._duplicates(path, format, maybe, max_errors)
       local tk = M.target_key(t)
       if targets[tk] then add(line, "the same device as line " .. targets[tk])
       elseif maybe:has(tk) then targets[tk] = line end
+      -- new keys are unique per product: rows of two products may share one. A row named by assetId has a
+      -- product only the platform knows, so its new key is compared with every row's.
       local nk = t.newDeviceKey
-      if newkeys[nk] then add(line, "newDeviceKey " .. nk .. " is also the new key of line " .. newkeys[nk])
-      elseif maybe:has("n:" .. nk) then newkeys[nk] = line end
-      if t.deviceKey and newkeys[t.deviceKey] and newkeys[t.deviceKey] ~= line then
-        add(line, "deviceKey " .. t.deviceKey .. " is the new key of line " .. newkeys[t.deviceKey]
+      local own = bucket(t, nk)
+      local clash = newkeys[own] or (t.productKey and newkeys["n:*:" .. nk]) or (not t.productKey and anypk[nk])
+      if clash then add(line, "newDeviceKey " .. nk .. " is also the new key of line " .. clash)
+      elseif maybe:has("n:" .. nk) then
+        newkeys[own] = line
+        if t.productKey and not anypk[nk] then anypk[nk] = line end
+      end
+      local dk = t.deviceKey
+      local chained = dk and (newkeys[bucket(t, dk)] or newkeys["n:*:" .. dk])
+      if chained and chained ~= line then
+        add(line, "deviceKey " .. dk .. " is the new key of line " .. chained
           .. " (chained renames are not supported in one batch)")
       end
       -- a new key that an earlier row's device has now (same product: keys are per product)

@@ -244,7 +244,7 @@ function run_plan(c, args, h, plan_path, plan_name)
   local tty_err = c.stderr_tty and term ~= "dumb" and (c.getenv("NO_COLOR") or "") == ""
   local last_line = 0
   local function progress(p)
-    local line = string.format("%d/%d done  %.1f/s  ETA %s  retries %d  failed %d", p.done, p.total, p.rate,
+    local line = string.format("%d/%d finished  %.1f/s  ETA %s  retries %d  failed %d", p.done, p.total, p.rate,
       fmt_eta(p.eta), p.retries, p.failed)
     -- (the gateway throttles: say that the batch waits, and how long, rather than look stuck)
     if p.paused and p.paused >= 1 then line = line .. string.format("  throttled: waiting %d s", math.ceil(p.paused)) end

@@ -586,6 +586,14 @@ local function run(c)
   end
   if not ok then
     local cmd = cmds[c.argv[1]] or parser
+    -- (argparse reads "-1" as an unknown option and suggests -h: say what it is instead)
+    for i = 2, #c.argv do
+      local a, before = c.argv[i], c.argv[i - 1]
+      if a:match("^%-%.?%d") and before:match("^%-%-") then
+        args = ("%s %s: a negative number is not a valid value here"):format(before, a)
+        break
+      end
+    end
     c.err(cmd:get_usage() .. "\n\n" .. PROG .. ": " .. tostring(args) .. "\n")
     return EXIT.usage
   end
