@@ -356,11 +356,18 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   end
   -- The token first: a refused key (auth, config) fails every row alike, so it stops the batch here, before
   -- anything is created. (A retryable failure is left to the rows: they retry it.)
-  local authed, aerr = client:authenticate()
-  if not authed and (aerr.kind == "auth" or aerr.kind == "config" or aerr.kind == "permission") then
-    return nil, aerr
+  -- (A resume checks its journal first: a journal refused sends nothing at all.)
+  local function refused_key()
+    local authed, aerr = client:authenticate()
+    if not authed and (aerr.kind == "auth" or aerr.kind == "config" or aerr.kind == "permission") then
+      return aerr
+    end
   end
-  if not o.resume and prove() then return nil, perr end
+  if not o.resume then
+    local aerr = refused_key()
+    if aerr then return nil, aerr end
+    if prove() then return nil, perr end
+  end
   local require_secret = o.require_secret
   if require_secret == nil then require_secret = client.api_version ~= "v2.1" and client:has_private_key() end
   if client.api_version == "v2.1" then require_secret = false end
@@ -383,7 +390,10 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   if not journal then return nil, errors.new("config", tostring(jstate)) end
   if jstate.repaired then warnings[#warnings + 1] = jstate.repaired end
   if not o.resume or journal.state.records == 0 then
-    if o.resume and prove() then journal:close() return nil, perr end
+    if o.resume then
+      local bad = refused_key() or (prove() and perr)
+      if bad then journal:close() return nil, bad end
+    end
     journal:append { t = "batch", plan = src.name, rows = chk.rows, version = core._VERSION,
       plan_size = src.fp and src.fp.size, plan_sha256 = src.fp and src.fp.sha256,
       endpoint = client.endpoint, orgId = client.org_id, appKey = client.access_key }
@@ -391,7 +401,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     -- 2b. A resume trusts its journal only for the platform, organization and application it was written
     -- against, and for the plan it was written for, row by row.
     local bad = M.check_identity(journal.state.header, client, jpath) or M.check_resume(journal.state, plan, src, o, jpath)
-      or prove()
+      or refused_key() or (prove() and perr)
     if bad then
       journal:close()
       return nil, bad
