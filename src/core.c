@@ -76,9 +76,11 @@ static const luaL_Reg core_funcs[] = {
   {NULL, NULL}
 };
 
-LUALIB_API int luaopen_enos_core(lua_State *L);
+/* The module's one exported symbol: the Makefile builds with -fvisibility=hidden, so the enos_* functions
+ * shared between the C files stay inside the .so (no clash with another library's symbols in nginx). */
+__attribute__((visibility("default"))) LUALIB_API int luaopen_enos_core(lua_State *L);
 
-LUALIB_API int luaopen_enos_core(lua_State *L) {
+__attribute__((visibility("default"))) LUALIB_API int luaopen_enos_core(lua_State *L) {
   if (!curl_ready) {
     if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK)
       return luaL_error(L, "enos: curl_global_init failed");
