@@ -19,6 +19,11 @@ _enos-replace() {
                 opts="$opts -h --help --concurrency --qps --out --journal --results --resume --reverify --check --dry-run --read-batch --max-retry-after --no-secret -y --yes --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
                 break
                 ;;
+            watch)
+                cmd="watch"
+                opts="$opts -h --help --wait --interval --by --qps --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
+                break
+                ;;
             get)
                 cmd="get"
                 opts="$opts -h --help --asset-id --product-key --device-key --secret --out --format --overwrite --show-secret --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
@@ -44,7 +49,7 @@ _enos-replace() {
 
     case "$cmd" in
         '')
-            COMPREPLY=($(compgen -W "device batch get config help completion" -- "$cur"))
+            COMPREPLY=($(compgen -W "device batch watch get config help completion" -- "$cur"))
             ;;
         'device')
             case "$prev" in
@@ -150,6 +155,63 @@ _enos-replace() {
                     return 0
                     ;;
                 --max-retry-after)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --access-key)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --secret-key)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --org-id)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --private-key-file)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --api-version)
+                    COMPREPLY=($(compgen -W "v2.4 v2.1" -- "$cur"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+            esac
+
+            ;;
+        'watch')
+            case "$prev" in
+                --wait)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --interval)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --by)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --qps)
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
                     ;;

@@ -10,6 +10,9 @@ function __fish_enos-replace_print_command
             case batch
                 set cmd $cmd batch
                 break
+            case watch
+                set cmd $cmd watch
+                break
             case get
                 set cmd $cmd get
                 break
@@ -41,6 +44,7 @@ end
 
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'device' -d 'Replace a device\'s key: the new hardware gets the asset, its data and a new secret'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'batch' -d 'Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably'
+complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'watch' -d 'Watch replaced devices come online: a batch\'s journal or results file, or a plan'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'get' -d 'Show a device (and, with --secret, its current deviceSecret)'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'config' -d 'Show the resolved configuration and the source of each value (secrets masked)'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'help' -d 'Show the help of enos-replace or of one command (`enos-replace help batch`)'
@@ -99,6 +103,22 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l private-
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l ca-file -r -d 'CA certificates (PEM) to verify the gateway with'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l api-version -xa 'v2.4 v2.1' -d 'v2.4 (default; encrypted secrets) or v2.1 (clear secrets)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l timeout -r -d 'Per-request timeout in seconds (default 30)'
+
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -s h -l help -d 'Show this help and exit'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l wait -r -d 'Stop after this many seconds (default 3600)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l interval -r -d 'Seconds between polls (default 10)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l by -r -d 'Count by this column of the plan or results file (e.g'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l qps -r -d 'At most this many requests per second (default: no cap)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l json -d 'JSON Lines on stdout: one object a poll, the last one with "final": true'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l profile -r -d 'Profile (section) of the profile file'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l endpoint -r -d 'API gateway URL, e.g'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l access-key -r -d 'Application access key (appKey)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l secret-key -r -d 'Application secret key'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l org-id -r -d 'Organization (OU) id'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l private-key-file -r -d 'The application\'s RSA private key (PKCS#8 PEM), to decrypt secrets'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l ca-file -r -d 'CA certificates (PEM) to verify the gateway with'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l api-version -xa 'v2.4 v2.1' -d 'v2.4 (default; encrypted secrets) or v2.1 (clear secrets)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l timeout -r -d 'Per-request timeout in seconds (default 30)'
 
 complete -c enos-replace -n '__fish_enos-replace_seen_command get' -s h -l help -d 'Show this help and exit'
 complete -c enos-replace -n '__fish_enos-replace_seen_command get' -l asset-id -r -d 'The device\'s assetId'

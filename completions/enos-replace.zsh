@@ -84,6 +84,31 @@ _enos-replace() {
         && return 0
       ;;
 
+    watch)
+      options=(
+        $options
+        {-h,--help}"[Show this help and exit]"
+        "--wait[Stop after this many seconds (default 3600)]: :_files"
+        "--interval[Seconds between polls (default 10)]: :_files"
+        "--by[Count by this column of the plan or results file (e.g]: :_files"
+        "--qps[At most this many requests per second (default\: no cap)]: :_files"
+        "--json[JSON Lines on stdout\: one object a poll, the last one with \"final\"\: true]"
+        "--profile[Profile (section) of the profile file]: :_files"
+        "--endpoint[API gateway URL, e.g]: :_files"
+        "--access-key[Application access key (appKey)]: :_files"
+        "--secret-key[Application secret key]: :_files"
+        "--org-id[Organization (OU) id]: :_files"
+        "--private-key-file[The application's RSA private key (PKCS#8 PEM), to decrypt secrets]: :_files"
+        "--ca-file[CA certificates (PEM) to verify the gateway with]: :_files"
+        "--api-version[v2.4 (default; encrypted secrets) or v2.1 (clear secrets)]: :(v2.4 v2.1)"
+        "--timeout[Per-request timeout in seconds (default 30)]: :_files"
+      )
+      _arguments -s -S \
+        $options \
+        ": :_files" \
+        && return 0
+      ;;
+
     get)
       options=(
         $options
@@ -139,7 +164,7 @@ _enos-replace() {
       )
       _arguments -s -S \
         $options \
-        ": :(device batch get config completion help)" \
+        ": :(device batch watch get config completion help)" \
         && return 0
       ;;
 
@@ -163,6 +188,7 @@ _enos-replace_cmds() {
   local -a commands=(
     "device:Replace a device's key: the new hardware gets the asset, its data and a new secret"
     "batch:Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably"
+    "watch:Watch replaced devices come online: a batch's journal or results file, or a plan"
     "get:Show a device (and, with --secret, its current deviceSecret)"
     "config:Show the resolved configuration and the source of each value (secrets masked)"
     "help:Show the help of enos-replace or of one command (\`enos-replace help batch\`)"

@@ -35,7 +35,7 @@ describe("man page and completions", function()
   it("the man page names every command and every option that --help names", function()
     local man = files["man/enos-replace.1"]
     local _, main = run { "--help" }
-    for _, cmd in ipairs { "device", "batch", "get", "config", "help", "completion" } do
+    for _, cmd in ipairs { "device", "batch", "watch", "get", "config", "help", "completion" } do
       assert.matches("\n   " .. cmd .. " ", main, 1, true)
       local code, help = run { cmd, "--help" }
       assert.equal(0, code, help)

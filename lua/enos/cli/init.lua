@@ -14,6 +14,7 @@ local profile = require "enos.profile"
 local workflow = require "enos.workflow"
 local out = require "enos.cli.output"
 local batch_cmd = require "enos.cli.batch"
+local watch_cmd = require "enos.cli.watch"
 
 local M = {}
 
@@ -41,7 +42,8 @@ Exit codes:
    4  refused by the platform or by the preflight (error kind and code shown); nothing changed
    5  network, TLS, timeout, or the platform unavailable after retries (also: OUTCOME UNKNOWN)
    6  the replace happened but verification or delivery of the secret failed
-   7  done, but the new device did not come online within --wait-active]]
+   7  done, but the new device did not come online within --wait-active (watch: devices not online
+      when --wait ended)]]
 
 local CONFIG_TEXT = [[
 Configuration (highest first): flags > environment (ENOS_ENDPOINT, ENOS_ACCESS_KEY, ENOS_SECRET_KEY,
@@ -139,6 +141,11 @@ Without a private key (V2.4) the new secret is not requested. When it is request
     connection_options = connection_options,
   })
 
+  local wcmd = watch_cmd.add_command(p, {
+    help_flag = function(cmd, name) return help_flag(cmd, state, name) end,
+    connection_options = connection_options,
+  })
+
   local g = p:command("get", "Show a device (and, with --secret, its current deviceSecret).")
   help_flag(g, state, "get")
   target_options(g)
@@ -181,8 +188,8 @@ Exits 3 when a required setting (endpoint, access_key, secret_key, org_id) is mi
 ]] .. CONFIG_TEXT)
   local hcmd = p:command("help", "Show the help of enos-replace or of one command (`enos-replace help batch`).")
   help_flag(hcmd, state, "help")
-  hcmd:argument("topic", "A command: device, batch, get, config, completion."):args("?")
-    :choices { "device", "batch", "get", "config", "completion", "help" }
+  hcmd:argument("topic", "A command: device, batch, watch, get, config, completion."):args("?")
+    :choices { "device", "batch", "watch", "get", "config", "completion", "help" }
   local comp = p:command("completion", "Print a shell completion script: bash, zsh or fish.")
   help_flag(comp, state, "completion")
   comp:argument("shell", "bash, zsh or fish."):choices { "bash", "zsh", "fish" }
@@ -194,12 +201,12 @@ Examples:
 (`make install` and the rock install them for you.)]])
   -- An option given twice (`--asset-id A --asset-id B`, a shell history edit) is refused, not the last one
   -- silently taken: every option that takes a value is single-valued (argparse: "must be used at most 1 time").
-  for _, cmd in ipairs { p, d, b, g, c, hcmd, comp } do
+  for _, cmd in ipairs { p, d, b, wcmd, g, c, hcmd, comp } do
     for _, opt in ipairs(cmd._options or {}) do
       if (opt._maxargs or 0) > 0 then opt:overwrite(false) end
     end
   end
-  return p, { main = p, device = d, get = g, config = c, batch = b, help = hcmd, completion = comp }
+  return p, { main = p, device = d, get = g, config = c, batch = b, watch = wcmd, help = hcmd, completion = comp }
 end
 
 --- The parser and its commands (for the man page and the completions): parser, {name → command}.
@@ -611,7 +618,7 @@ local function run(c)
     return EXIT.ok
   end
   if not args.command then
-    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, get, config or help); see --help\n")
+    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, watch, get, config or help); see --help\n")
     return EXIT.usage
   end
   if args.timeout ~= nil then
@@ -622,6 +629,9 @@ local function run(c)
   if args.command == "get" then return cmd_get(c, args) end
   if args.command == "batch" then
     return batch_cmd.run(c, args, { EXIT = EXIT, say = say, make_client = make_client, report_error = report_error })
+  end
+  if args.command == "watch" then
+    return watch_cmd.run(c, args, { EXIT = EXIT, say = say, make_client = make_client, report_error = report_error })
   end
   return cmd_config(c, args)
 end
