@@ -16,7 +16,7 @@ _enos-replace() {
                 ;;
             batch)
                 cmd="batch"
-                opts="$opts -h --help --concurrency --qps --out --journal --results --resume --reverify --check --dry-run --read-batch --max-retry-after --no-secret -y --yes --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
+                opts="$opts -h --help --concurrency --qps --out --journal --results --resume --reverify --check --dry-run --read-batch --max-retry-after --wait-active --no-secret -y --yes --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
                 break
                 ;;
             watch)
@@ -155,6 +155,10 @@ _enos-replace() {
                     return 0
                     ;;
                 --max-retry-after)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --wait-active)
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
                     ;;

@@ -91,6 +91,7 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l check -d
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l dry-run -d 'Check the plan, then look every row up on the platform in bulk (about two calls per 100 rows) and list the rows that would fail; change nothing'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l read-batch -r -d 'Rows read in one bulk call (Search Device) by the preflight, the verification and --dry-run (1-200, default 100)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l max-retry-after -r -d 'The longest Retry-After (s) the batch honours when throttled (default 300)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l wait-active -r -d 'After the batch, watch its replaced devices (as `enos-replace watch` does) until they are online, at most this many seconds; exit 7 if some are not'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l no-secret -d 'Do not request the new deviceSecrets'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -s y -l yes -d 'Do not ask for confirmation'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l json -d 'Print the summary as one JSON document on stdout'

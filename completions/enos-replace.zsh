@@ -65,6 +65,7 @@ _enos-replace() {
         "--dry-run[Check the plan, then look every row up on the platform in bulk (about two calls per 100 rows) and list the rows that would fail; change nothing]"
         "--read-batch[Rows read in one bulk call (Search Device) by the preflight, the verification and --dry-run (1-200, default 100)]: :_files"
         "--max-retry-after[The longest Retry-After (s) the batch honours when throttled (default 300)]: :_files"
+        "--wait-active[After the batch, watch its replaced devices (as \`enos-replace watch\` does) until they are online, at most this many seconds; exit 7 if some are not]: :_files"
         "--no-secret[Do not request the new deviceSecrets]"
         {-y,--yes}"[Do not ask for confirmation]"
         "--json[Print the summary as one JSON document on stdout]"

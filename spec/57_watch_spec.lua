@@ -17,7 +17,7 @@ describe("enos.fleet.watch", function()
     kp = H.keypair()
     dir = H.tmpdir()
     local devices = {}
-    for i = 1, N + 20 do
+    for i = 1, N + 25 do
       devices[i] = { productKey = "pk_demo", deviceKey = ("W-%05d"):format(i), assetId = ("W%07d"):format(i) }
     end
     h = sim.start { config = { devices = devices, log_size = 8000, apps = { { access_key = "sim-access-key",
@@ -166,6 +166,16 @@ describe("enos.fleet.watch", function()
     local last = cjson.decode(out:match("([^\n]+)\n$"))
     assert.same({ true, "online", 10, 10 }, { last.final, last.outcome, last.online, last.total })
     assert.same({ total = 5, online = 5 }, last.by_label["crew-1"])
+    -- batch --wait-active: the same watch after the run; the new units not online yet: exit 7
+    local plan2 = dir .. "/plan2.csv"
+    H.writefile(plan2, "productKey,deviceKey,newDeviceKey\npk_demo,W-00521,NEW-00521\npk_demo,W-00522,NEW-00522\n")
+    code, _, err = run { "batch", plan2, "--out", dir .. "/creds2.csv", "--yes", "--wait-active", "0.3" }
+    assert.equal(7, code, err)
+    assert.matches("2 row(s): 2 done", err, 1, true)
+    assert.matches("2 of 2 device(s) not online after", err, 1, true)
+    code, _, err = run { "batch", plan2, "--check", "--wait-active", "5" }
+    assert.equal(2, code)
+    assert.matches("--wait-active goes with a run", err, 1, true)
     -- the journal has no plan columns; a file that names no device is refused
     code, _, err = run { "watch", plan .. ".journal", "--by", "crew" }
     assert.equal(2, code)

@@ -41,6 +41,8 @@ function M.add_command(p, h)
     b:option("--read-batch", "Rows read in one bulk call (Search Device) by the preflight, the verification and "
       .. "--dry-run (1-200, default 100)."):argname("<n>"),
     b:option("--max-retry-after", "The longest Retry-After (s) the batch honours when throttled (default 300)."):argname("<s>"),
+    b:option("--wait-active", "After the batch, watch its replaced devices (as `enos-replace watch` does) until "
+      .. "they are online, at most this many seconds; exit 7 if some are not."):argname("<s>"),
     b:flag("--no-secret", "Do not request the new deviceSecrets."),
     b:flag("-y --yes", "Do not ask for confirmation."),
     b:flag("--json", "Print the summary as one JSON document on stdout.")
@@ -113,6 +115,14 @@ function M.run(c, args, h)
   local EXIT = h.EXIT
   if not args.plan then h.say(c, "a plan file is required: enos-replace batch PLAN") return EXIT.usage end
   if args.reverify and not args.resume then h.say(c, "--reverify goes with --resume") return EXIT.usage end
+  if args.wait_active ~= nil and not (tonumber(args.wait_active) and tonumber(args.wait_active) >= 0) then
+    h.say(c, "--wait-active must be a number of seconds >= 0")
+    return EXIT.usage
+  end
+  if args.wait_active ~= nil and (args.check or args.dry_run) then
+    h.say(c, "--wait-active goes with a run, not with --check or --dry-run")
+    return EXIT.usage
+  end
   if args.plan ~= "-" then return run_plan(c, args, h, args.plan, args.plan) end
   -- The plan on stdin: read whole into a private temporary file (it is read twice: checked, then run).
   if not args.check and not args.journal then
@@ -306,7 +316,17 @@ function run_plan(c, args, h, plan_path, plan_name)
       retries = s.retries, elapsed = s.elapsed, rate = s.rate, results = s.results, journal = s.journal,
       credentials = s.credentials }, true) .. "\n")
   end
-  return s.failed == 0 and EXIT.ok or EXIT.refused
+  local code = s.failed == 0 and EXIT.ok or EXIT.refused
+  if args.wait_active and (s.done + s.skipped) > 0 then
+    -- the same watch as `enos-replace watch RESULTS`: the rows replaced now or in an earlier run resumed here
+    local wcode = require("enos.cli.watch").run(c, { file = s.journal, wait = args.wait_active,
+      interval = math.min(10, math.max(1, tonumber(args.wait_active) / 10)), json = false,
+      endpoint = args.endpoint, access_key = args.access_key, secret_key = args.secret_key, org_id = args.org_id,
+      private_key_file = args.private_key_file, ca_file = args.ca_file, api_version = args.api_version,
+      timeout = args.timeout, profile = args.profile }, h)
+    if code == EXIT.ok then code = wcode end
+  end
+  return code
 end
 
 return M
