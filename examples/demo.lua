@@ -107,6 +107,11 @@ local function main()
   assert(not login("INV-2231-A", seeded.deviceSecret), "the old triple still logs in")
   ok("old hardware (INV-2231-A + old secret) is refused")
   t:close()
+
+  step("Watching the replaced device come online (enos.fleet.watch: one Search Device a poll)")
+  local w = assert(enos.fleet.watch(client, { { assetId = before.assetId } }, { interval = 1, timeout = 30 }))
+  assert(w.outcome == "online", "the new unit is not online")
+  ok(("%d/%d online after %d poll(s), %d call(s)"):format(w.online, w.total, w.polls, w.calls))
   local online = assert(client:get_device { assetId = before.assetId })
   client:close()
 
