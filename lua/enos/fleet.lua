@@ -37,11 +37,9 @@ local function check_devices(devices)
   end
 end
 
---- The summary of a poll: {poll, total, online, counts = {status → n}, by_label = {label → {total, online}},
+-- The summary of a poll: {poll, total, online, counts = {status → n}, by_label = {label → {total, online}},
 -- oldest = {device, waiting (s)} (the device not yet online that has waited longest), elapsed (s), calls,
--- final, outcome ("online" | "timeout" while final, else nil)}.
--- @tparam table state the watch's state
--- @treturn table
+-- final, outcome ("online" | "timeout" while final, else nil)}. now: the watch's clock, in ms.
 local function summary(state, now)
   local counts, by_label = {}, {}
   local oldest
@@ -68,8 +66,9 @@ end
 -- @param client an `enos.client`
 -- @tparam table devices the list
 -- @tparam[opt] table opts interval (s, default 10), timeout (s, default 3600), window (1-200), qps (requests a
--- second at most), on_poll (function(summary), after each poll), sleep (function(seconds)), clock (function()
--- -> ms), read_attempts, max_retry_after
+-- second at most), on_poll (function(summary), after each poll: {poll, total, online, counts = {status → n},
+-- by_label = {label → {total, online}}, oldest = {device, waiting (s)}, elapsed (s), calls, final, outcome}),
+-- sleep (function(seconds)), clock (function() -> ms), read_attempts, max_retry_after
 -- @return report {outcome = "online" | "timeout", polls, calls, elapsed, total, online, counts, by_label,
 -- oldest, devices = {{device, status, label}…}} | nil, err (bad input, before any request; or an error every
 -- poll would repeat: `auth`, `config`, `permission`)
