@@ -25,7 +25,9 @@ describe("README", function()
 
   local function run(script)
     H.writefile(dir .. "/run.sh", "set -e\ncd " .. dir .. "\nexport HOME=" .. dir .. " TMPDIR=" .. dir .. "\n" ..
-      "unset ENOS_CONFIG ENOS_PROFILE XDG_CONFIG_HOME\n" .. script)
+      "unset ENOS_CONFIG ENOS_PROFILE XDG_CONFIG_HOME\n" ..
+      -- (a step that fails must not leave the simulator running)
+      "trap 'bin/enos-sim stop --clean >/dev/null 2>&1 || true' EXIT\n" .. script)
     return H.sh("bash " .. dir .. "/run.sh")
   end
 
