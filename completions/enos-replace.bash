@@ -11,17 +11,22 @@ _enos-replace() {
         case "$arg" in
             device)
                 cmd="device"
-                opts="$opts -h --help --asset-id --product-key --device-key --new-key --no-secret --out --format --overwrite --wait-active --dry-run -y --yes --skip-free-check --max-attempts --max-retry-after --json --show-secret --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
+                opts="$opts -h --help --asset-id --product-key --device-key --new-key --no-secret --out --format --overwrite --wait-active --dry-run -y --yes --skip-free-check --max-attempts --max-retry-after --finish --no-gateway-check --csr --cert-days --no-cert-check --tag --stamp --json --show-secret --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
                 break
                 ;;
             batch)
                 cmd="batch"
-                opts="$opts -h --help --concurrency --qps --out --journal --results --resume --reverify --check --dry-run --read-batch --max-retry-after --wait-active --no-secret -y --yes --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
+                opts="$opts -h --help --concurrency --qps --out --journal --results --resume --reverify --check --dry-run --read-batch --max-retry-after --wait-active --no-secret -y --yes --json --subdevices --check-certificates --cert-days --tag --stamp --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
                 break
                 ;;
             watch)
                 cmd="watch"
                 opts="$opts -h --help --wait --interval --by --qps --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
+                break
+                ;;
+            audit)
+                cmd="audit"
+                opts="$opts -h --help --platform --min-age --json --profile --endpoint --access-key --secret-key --org-id --private-key-file --ca-file --api-version --timeout"
                 break
                 ;;
             get)
@@ -49,7 +54,7 @@ _enos-replace() {
 
     case "$cmd" in
         '')
-            COMPREPLY=($(compgen -W "device batch watch get config help completion" -- "$cur"))
+            COMPREPLY=($(compgen -W "device batch watch audit get config help completion" -- "$cur"))
             ;;
         'device')
             case "$prev" in
@@ -86,6 +91,18 @@ _enos-replace() {
                     return 0
                     ;;
                 --max-retry-after)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --csr)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --cert-days)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --tag)
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
                     ;;
@@ -162,6 +179,14 @@ _enos-replace() {
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
                     ;;
+                --cert-days)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --tag)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
                 --profile)
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
@@ -216,6 +241,51 @@ _enos-replace() {
                     return 0
                     ;;
                 --qps)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --profile)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --endpoint)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --access-key)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --secret-key)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --org-id)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --private-key-file)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --ca-file)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+                --api-version)
+                    COMPREPLY=($(compgen -W "v2.4 v2.1" -- "$cur"))
+                    return 0
+                    ;;
+                --timeout)
+                    COMPREPLY=($(compgen -f -- "$cur"))
+                    return 0
+                    ;;
+            esac
+
+            ;;
+        'audit')
+            case "$prev" in
+                --min-age)
                     COMPREPLY=($(compgen -f -- "$cur"))
                     return 0
                     ;;

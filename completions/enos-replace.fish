@@ -13,6 +13,9 @@ function __fish_enos-replace_print_command
             case watch
                 set cmd $cmd watch
                 break
+            case audit
+                set cmd $cmd audit
+                break
             case get
                 set cmd $cmd get
                 break
@@ -45,6 +48,7 @@ end
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'device' -d 'Replace a device\'s key: the new hardware gets the asset, its data and a new secret'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'batch' -d 'Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'watch' -d 'Watch replaced devices come online: a batch\'s journal or results file, or a plan'
+complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'audit' -d 'List the devices replaced but not online since, with their age: from batch journals and, with --platform, from the platform\'s devices tagged replacedAt (--stamp)'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'get' -d 'Show a device (and, with --secret, its current deviceSecret)'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'config' -d 'Show the resolved configuration and the source of each value (secrets masked)'
 complete -c enos-replace -n '__fish_enos-replace_using_command' -xa 'help' -d 'Show the help of enos-replace or of one command (`enos-replace help batch`)'
@@ -67,6 +71,13 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command device' -s y -l ye
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l skip-free-check -d 'Do not search that the new key is free before replacing'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l max-attempts -r -d 'Replace attempts in all when the outcome is unknown (default 3)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l max-retry-after -r -d 'The longest Retry-After (s) honoured when throttled (default 300)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l finish -d 'The device was replaced before (it has the new key): do what is left (secret, certificate, gateway link, tags) without replacing again'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l no-gateway-check -d 'Do not ask for the device\'s gateway (a sub-device\'s link is then not checked)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l csr -r -d 'The new unit\'s certificate signing request (PEM): after the replace, the old unit\'s certificates are revoked and one is issued for it, into --out'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l cert-days -r -d 'The new certificate\'s validity in days (default 730)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l no-cert-check -d 'Do not list the device\'s certificates (a valid one then does not stop the replace)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l tag -r -d 'Stamp the asset with a tag after the replace (repeatable): NAME=VALUE'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l stamp -d 'Also tag replacedAt (UTC) and replacedFrom (the old key), to find the swap later'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l json -d 'Print one JSON document on stdout'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l show-secret -d 'Also print the new deviceSecret (default: only into --out)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l profile -r -d 'Profile (section) of the profile file'
@@ -95,6 +106,11 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l wait-act
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l no-secret -d 'Do not request the new deviceSecrets'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -s y -l yes -d 'Do not ask for confirmation'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l json -d 'Print the summary as one JSON document on stdout'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l subdevices -d 'Ask each device\'s gateway (Get Gateway: one more call per device), restore a link the replace dropped, name the gateway in the credentials and write one file per gateway of its sub-devices\' new triples'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l check-certificates -d 'List each row\'s certificates (one more call per device): a row with valid ones and no csr is refused'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l cert-days -r -d 'Validity in days of the certificates issued for the plan\'s csr column (default 730)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l tag -r -d 'Stamp each replaced asset with a tag (repeatable): NAME=VALUE'
+complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l stamp -d 'Also tag replacedAt (UTC) and replacedFrom (the old key)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l profile -r -d 'Profile (section) of the profile file'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l endpoint -r -d 'API gateway URL, e.g'
 complete -c enos-replace -n '__fish_enos-replace_seen_command batch' -l access-key -r -d 'Application access key (appKey)'
@@ -120,6 +136,20 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l private-
 complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l ca-file -r -d 'CA certificates (PEM) to verify the gateway with'
 complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l api-version -xa 'v2.4 v2.1' -d 'v2.4 (default; encrypted secrets) or v2.1 (clear secrets)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command watch' -l timeout -r -d 'Per-request timeout in seconds (default 30)'
+
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -s h -l help -d 'Show this help and exit'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l platform -d 'Also search the platform: inactive devices with the replacedAt tag (one call a page of 200)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l min-age -r -d 'Only devices replaced at least this many seconds ago'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l json -d 'JSON Lines on stdout: one object a device'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l profile -r -d 'Profile (section) of the profile file'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l endpoint -r -d 'API gateway URL, e.g'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l access-key -r -d 'Application access key (appKey)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l secret-key -r -d 'Application secret key'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l org-id -r -d 'Organization (OU) id'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l private-key-file -r -d 'The application\'s RSA private key (PKCS#8 PEM), to decrypt secrets'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l ca-file -r -d 'CA certificates (PEM) to verify the gateway with'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l api-version -xa 'v2.4 v2.1' -d 'v2.4 (default; encrypted secrets) or v2.1 (clear secrets)'
+complete -c enos-replace -n '__fish_enos-replace_seen_command audit' -l timeout -r -d 'Per-request timeout in seconds (default 30)'
 
 complete -c enos-replace -n '__fish_enos-replace_seen_command get' -s h -l help -d 'Show this help and exit'
 complete -c enos-replace -n '__fish_enos-replace_seen_command get' -l asset-id -r -d 'The device\'s assetId'

@@ -33,6 +33,13 @@ _enos-replace() {
         "--skip-free-check[Do not search that the new key is free before replacing]"
         "--max-attempts[Replace attempts in all when the outcome is unknown (default 3)]: :_files"
         "--max-retry-after[The longest Retry-After (s) honoured when throttled (default 300)]: :_files"
+        "--finish[The device was replaced before (it has the new key)\: do what is left (secret, certificate, gateway link, tags) without replacing again]"
+        "--no-gateway-check[Do not ask for the device's gateway (a sub-device's link is then not checked)]"
+        "--csr[The new unit's certificate signing request (PEM)\: after the replace, the old unit's certificates are revoked and one is issued for it, into --out]: :_files"
+        "--cert-days[The new certificate's validity in days (default 730)]: :_files"
+        "--no-cert-check[Do not list the device's certificates (a valid one then does not stop the replace)]"
+        "*--tag[Stamp the asset with a tag after the replace (repeatable)\: NAME=VALUE]: :_files"
+        "--stamp[Also tag replacedAt (UTC) and replacedFrom (the old key), to find the swap later]"
         "--json[Print one JSON document on stdout]"
         "--show-secret[Also print the new deviceSecret (default\: only into --out)]"
         "--profile[Profile (section) of the profile file]: :_files"
@@ -69,6 +76,11 @@ _enos-replace() {
         "--no-secret[Do not request the new deviceSecrets]"
         {-y,--yes}"[Do not ask for confirmation]"
         "--json[Print the summary as one JSON document on stdout]"
+        "--subdevices[Ask each device's gateway (Get Gateway\: one more call per device), restore a link the replace dropped, name the gateway in the credentials and write one file per gateway of its sub-devices' new triples]"
+        "--check-certificates[List each row's certificates (one more call per device)\: a row with valid ones and no csr is refused]"
+        "--cert-days[Validity in days of the certificates issued for the plan's csr column (default 730)]: :_files"
+        "*--tag[Stamp each replaced asset with a tag (repeatable)\: NAME=VALUE]: :_files"
+        "--stamp[Also tag replacedAt (UTC) and replacedFrom (the old key)]"
         "--profile[Profile (section) of the profile file]: :_files"
         "--endpoint[API gateway URL, e.g]: :_files"
         "--access-key[Application access key (appKey)]: :_files"
@@ -107,6 +119,29 @@ _enos-replace() {
       _arguments -s -S \
         $options \
         ": :_files" \
+        && return 0
+      ;;
+
+    audit)
+      options=(
+        $options
+        {-h,--help}"[Show this help and exit]"
+        "--platform[Also search the platform\: inactive devices with the replacedAt tag (one call a page of 200)]"
+        "--min-age[Only devices replaced at least this many seconds ago]: :_files"
+        "--json[JSON Lines on stdout\: one object a device]"
+        "--profile[Profile (section) of the profile file]: :_files"
+        "--endpoint[API gateway URL, e.g]: :_files"
+        "--access-key[Application access key (appKey)]: :_files"
+        "--secret-key[Application secret key]: :_files"
+        "--org-id[Organization (OU) id]: :_files"
+        "--private-key-file[The application's RSA private key (PKCS#8 PEM), to decrypt secrets]: :_files"
+        "--ca-file[CA certificates (PEM) to verify the gateway with]: :_files"
+        "--api-version[v2.4 (default; encrypted secrets) or v2.1 (clear secrets)]: :(v2.4 v2.1)"
+        "--timeout[Per-request timeout in seconds (default 30)]: :_files"
+      )
+      _arguments -s -S \
+        $options \
+        "*: :_files" \
         && return 0
       ;;
 
@@ -165,7 +200,7 @@ _enos-replace() {
       )
       _arguments -s -S \
         $options \
-        ": :(device batch watch get config completion help)" \
+        ": :(device batch watch audit get config completion help)" \
         && return 0
       ;;
 
@@ -190,6 +225,7 @@ _enos-replace_cmds() {
     "device:Replace a device's key: the new hardware gets the asset, its data and a new secret"
     "batch:Replace many devices from a plan (CSV or JSON Lines), concurrently and resumably"
     "watch:Watch replaced devices come online: a batch's journal or results file, or a plan"
+    "audit:List the devices replaced but not online since, with their age: from batch journals and, with --platform, from the platform's devices tagged replacedAt (--stamp)"
     "get:Show a device (and, with --secret, its current deviceSecret)"
     "config:Show the resolved configuration and the source of each value (secrets masked)"
     "help:Show the help of enos-replace or of one command (\`enos-replace help batch\`)"

@@ -81,6 +81,18 @@ local function fake(opts)
     for _, a in ipairs(F.subs[gw.assetId] or {}) do out[#out + 1] = view(F.devices[a]) end
     return H.envelope(out, 0, "OK", { pagination = { pageNo = 1, pageSize = 200, totalSize = #out } })
   end
+  function actions.getGateway(q)
+    local d = find(q)
+    if not d then return NOT_FOUND end
+    for gw, subs in pairs(F.subs) do
+      for _, a in ipairs(subs) do if a == d.assetId then return H.envelope(view(F.devices[gw])) end end
+    end
+    return H.envelope(nil)
+  end
+  function actions.list(q)            -- List Certificate: none (not a two-way TLS product)
+    if not find(q) then return H.envelope(nil, 11404, "device not found") end
+    return H.envelope(F.certs and F.certs[find(q).assetId] or {})
+  end
   function actions.addSubDevice(_, body)
     local gw = find(body.gateway)
     F.subs[gw.assetId] = F.subs[gw.assetId] or {}

@@ -8,6 +8,9 @@
 #include <openssl/pem.h>
 #include <openssl/rsa.h>
 #include <openssl/err.h>
+#include <openssl/x509.h>
+#include <openssl/bn.h>
+#include <openssl/core_names.h>
 #include "secret.h"
 
 typedef struct {
@@ -404,6 +407,137 @@ static int l_decrypt_secret(lua_State *L) {
   return 1;
 }
 
+/* ---- certificate signing requests ----------------------------------------- */
+
+/* The SHA-256 of a public key's DER SubjectPublicKeyInfo, as 64 hex digits (out[65]): 1 | 0 on failure. */
+static int pubkey_sha256_hex(EVP_PKEY *pk, char *out) {
+  unsigned char *der = NULL, md[EVP_MAX_MD_SIZE];
+  unsigned int mdlen = 0, i;
+  int n = i2d_PUBKEY(pk, &der), ok;
+  if (n <= 0 || !der) return 0;
+  ok = EVP_Digest(der, (size_t)n, md, &mdlen, EVP_sha256(), NULL);
+  OPENSSL_free(der);
+  if (ok != 1 || mdlen != 32) return 0;
+  for (i = 0; i < mdlen; i++) snprintf(out + 2 * i, 3, "%02x", md[i]);
+  return 1;
+}
+
+/* csr_info(pem) -> {key = "RSA" | "EC" | other, bits = n, curve = name | nil, subject = "CN=…"} | nil, message
+ * A certificate signing request checked before it is sent: it must parse and its self-signature verify.
+ * Everything is read into C locals and the request freed before anything is pushed (no leak on a Lua error). */
+static int l_csr_info(lua_State *L) {
+  size_t len;
+  const char *pem = luaL_checklstring(L, 1, &len);
+  const char *why = NULL, *key = "other";
+  char subject[512], curve[64], fp[65];
+  int bits = 0, id;
+  BIO *bio, *out;
+  X509_REQ *req;
+  EVP_PKEY *pk;
+  subject[0] = curve[0] = fp[0] = '\0';
+  luaL_argcheck(L, len < 1024 * 1024, 1, "a CSR of less than 1 MiB expected");
+  bio = BIO_new_mem_buf(pem, (int)len);
+  if (!bio) return luaL_error(L, "enos: out of memory");
+  req = PEM_read_bio_X509_REQ(bio, NULL, no_password, NULL);
+  BIO_free(bio);
+  if (!req) {
+    ERR_clear_error();
+    lua_pushnil(L);
+    lua_pushliteral(L, "not a PEM certificate signing request (it does not parse)");
+    return 2;
+  }
+  pk = X509_REQ_get0_pubkey(req);
+  if (!pk) why = "it holds no public key";
+  else if (X509_REQ_verify(req, pk) != 1) why = "its signature does not verify (altered, or not signed by its own key)";
+  else if (!pubkey_sha256_hex(pk, fp)) why = "its public key cannot be encoded";
+  if (!why) {
+    id = EVP_PKEY_get_base_id(pk);
+    bits = EVP_PKEY_get_bits(pk);
+    if (id == EVP_PKEY_RSA) key = "RSA";
+    else if (id == EVP_PKEY_EC) {
+      size_t n = 0;
+      key = "EC";
+      if (EVP_PKEY_get_utf8_string_param(pk, OSSL_PKEY_PARAM_GROUP_NAME, curve, sizeof curve, &n) != 1) curve[0] = '\0';
+    }
+    out = BIO_new(BIO_s_mem());
+    if (out) {
+      if (X509_NAME_print_ex(out, X509_REQ_get_subject_name(req), 0, XN_FLAG_RFC2253) >= 0) {
+        int n = BIO_read(out, subject, (int)sizeof subject - 1);
+        subject[n > 0 ? n : 0] = '\0';
+      }
+      BIO_free(out);
+    }
+  }
+  X509_REQ_free(req);
+  ERR_clear_error();
+  if (why) {
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_createtable(L, 0, 4);
+  lua_pushstring(L, key);
+  lua_setfield(L, -2, "key");
+  lua_pushinteger(L, bits);
+  lua_setfield(L, -2, "bits");
+  if (curve[0]) {
+    lua_pushstring(L, curve);
+    lua_setfield(L, -2, "curve");
+  }
+  lua_pushstring(L, subject);
+  lua_setfield(L, -2, "subject");
+  lua_pushstring(L, fp);
+  lua_setfield(L, -2, "key_sha256");
+  return 1;
+}
+
+/* cert_info(pem) -> {serial = decimal digits, key_sha256 = hex} | nil, message
+ * Which key a certificate certifies (to recognise the one issued for a CSR: same key_sha256). */
+static int l_cert_info(lua_State *L) {
+  size_t len;
+  const char *pem = luaL_checklstring(L, 1, &len);
+  char fp[65], serial[128];
+  const char *why = NULL;
+  BIO *bio;
+  X509 *crt;
+  EVP_PKEY *pk;
+  fp[0] = serial[0] = '\0';
+  luaL_argcheck(L, len < 1024 * 1024, 1, "a certificate of less than 1 MiB expected");
+  bio = BIO_new_mem_buf(pem, (int)len);
+  if (!bio) return luaL_error(L, "enos: out of memory");
+  crt = PEM_read_bio_X509(bio, NULL, no_password, NULL);
+  BIO_free(bio);
+  if (!crt) {
+    ERR_clear_error();
+    lua_pushnil(L);
+    lua_pushliteral(L, "not a PEM certificate");
+    return 2;
+  }
+  pk = X509_get0_pubkey(crt);
+  if (!pk || !pubkey_sha256_hex(pk, fp)) why = "its public key cannot be read";
+  else {
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(crt), NULL);
+    char *dec = bn ? BN_bn2dec(bn) : NULL;
+    if (dec && strlen(dec) < sizeof serial) memcpy(serial, dec, strlen(dec) + 1);
+    else why = "its serial number cannot be read";
+    OPENSSL_free(dec);
+    BN_free(bn);
+  }
+  X509_free(crt);
+  ERR_clear_error();
+  if (why) {
+    lua_pushnil(L);
+    lua_pushstring(L, why);
+    return 2;
+  }
+  lua_createtable(L, 0, 2);
+  lua_pushstring(L, serial);
+  lua_setfield(L, -2, "serial");
+  lua_pushstring(L, fp);
+  lua_setfield(L, -2, "key_sha256");
+  return 1;
+}
+
 /* is_key(v) -> boolean */
 static int l_is_key(lua_State *L) {
   lua_pushboolean(L, luaL_testudata(L, 1, ENOS_KEY_MT) != NULL);
@@ -422,6 +556,8 @@ static const luaL_Reg secret_funcs[] = {
   {"load_private_key", l_load_private_key},
   {"is_key", l_is_key},
   {"decrypt_secret", l_decrypt_secret},
+  {"csr_info", l_csr_info},
+  {"cert_info", l_cert_info},
   {NULL, NULL}
 };
 

@@ -15,6 +15,7 @@ local reader_mod = require "enos.batch.reader"
 local verifier_mod = require "enos.batch.verifier"
 local commit_mod = require "enos.batch.commit"
 local progress_mod = require "enos.batch.progress"
+local aftercare = require "enos.aftercare"
 
 local M = {}
 
@@ -25,7 +26,8 @@ M.OPTIONS = {
   progress_interval = "number", settle_ms = "number", out = "string", format = "string", journal = "string",
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
   plan_format = "string", reverify = "boolean", max_retry_after = "number", read_batch = "number",
-  on_resume = "function",
+  on_resume = "function", tags = "table", stamp = "boolean", subdevices = "boolean", check_certificates = "boolean",
+  cert_valid_day = "number",
 }
 
 --- Default options of `run` (each may be given in `opts`).
@@ -46,6 +48,9 @@ M.DEFAULTS = {
 }
 
 -- ---------------------------------------------------------------- helpers
+
+-- The workflow's steps after the replace: one of them failing leaves the row "replaced", not done.
+local AFTER_STEPS = { link = true, certificate = true, tag = true }
 
 local function err_fields(e)
   if not e then return nil end
@@ -146,7 +151,7 @@ function M.check_resume(state, plan, src, o, jpath)
       local t = plan_mod.check_row(row.fields)
       local prev = t and state.by_key[plan_mod.target_key(t)]
       if prev and prev.state == "done" then already = already + 1 end
-      if prev and prev.state == "done" and (prev.newDeviceKey ~= t.newDeviceKey or
+      if prev and (prev.state == "done" or prev.state == "replaced") and (prev.newDeviceKey ~= t.newDeviceKey or
           (t.assetId and prev.assetId and prev.assetId ~= t.assetId)) then
         bad = ("journal line %d says plan line %d is done with newDeviceKey %s, but the plan's line %d asks for %s")
           :format(prev.jline or 0, tonumber(prev.line) or 0, plan_mod.excerpt(prev.newDeviceKey), row.line,
@@ -254,6 +259,13 @@ function M.run(client, plan, opts)
   if o.progress ~= nil and o.progress ~= true and o.progress ~= false and type(o.progress) ~= "function" then
     return nil, errors.arg("progress", "progress must be a boolean or a function")
   end
+  for k, v in pairs(o.tags or {}) do
+    local why = aftercare.tag_problem(k, v)
+    if why then return nil, errors.arg("tags", why) end
+  end
+  if o.cert_valid_day ~= nil and (o.cert_valid_day < 1 or o.cert_valid_day % 1 ~= 0) then
+    return nil, errors.arg("cert_valid_day", "cert_valid_day must be a whole number of days >= 1")
+  end
 
   -- 0. Four different files: the plan, the journal, the credentials and the results. Any two that are one
   -- file (the same path, another spelling, a symlink, a hard link) would overwrite or append into each other.
@@ -332,6 +344,49 @@ function M.file_identity(path)
   return "path " .. path
 end
 
+--- The CSR file a plan row names in its `csr` column (relative to the plan's directory), or nil.
+function M.csr_path(row_extra, src)
+  local v = row_extra and row_extra.csr
+  if type(v) ~= "string" or v == "" then return nil end
+  if v:sub(1, 1) == "/" then return v end
+  local dir = src.name and src.name:match("^(.*)/[^/]*$")
+  return dir and (dir .. "/" .. v) or v
+end
+
+--- A row's CSR text, checked: pem | nil, message (naming the file).
+function M.read_csr(path)
+  local f, ferr = io.open(path, "rb")
+  if not f then return nil, "cannot read CSR " .. path .. " (" .. tostring(ferr) .. ")" end
+  local pem = f:read("*a")
+  f:close()
+  local ok, why = aftercare.check_csr(pem)
+  if not ok then return nil, "CSR " .. path .. ": " .. why end
+  return pem
+end
+
+--- Checks every CSR a plan's `csr` column names: nil | an invalid_argument error naming the first bad line.
+function M.check_csrs(plan, src, o)
+  local rows, close = plan_rows(plan, src.format or o.plan_format)
+  local bad, count = nil, 0
+  for row in rows do
+    if row then
+      local path = M.csr_path(row.extra, src)
+      if path then
+        local pem, why = M.read_csr(path)
+        if not pem then
+          count = count + 1
+          bad = bad or ("line %d: %s"):format(row.line, why)
+        end
+      end
+    end
+  end
+  close()
+  if bad then
+    return errors.new("invalid_argument", ("the plan's csr column names %d unusable CSR(s); nothing was sent. %s")
+      :format(count, bad), { field = "csr" })
+  end
+end
+
 -- The run, once the options and the files are checked. plan: the snapshot's path or an iterator factory.
 -- The stages: the plan check (M.checked), the journal (enos.journal), the outputs (enos.batch.outputs), the
 -- gate every request goes through (enos.batch.gate), the reader of windows (enos.batch.reader), the workers
@@ -341,6 +396,16 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   -- 1. Check the whole plan before the first request.
   local chk, cerr = M.checked(plan, { format = src.format or o.plan_format })
   if not chk then return nil, cerr end
+  local has_csr = false
+  for _, c in ipairs(chk.extra_columns or {}) do if c == "csr" then has_csr = true end end
+  if has_csr then
+    -- every row's CSR read and checked now: a missing or unusable one is found before any request
+    local cerr2 = M.check_csrs(plan, src, o)
+    if cerr2 then return nil, cerr2 end
+    if not o.out and not o.resume then
+      return nil, errors.arg("out", "the plan has a csr column: the issued certificates need a credentials file (out)")
+    end
+  end
 
   collectgarbage()          -- the check's sets are garbage now: don't carry them into the run
 
@@ -412,7 +477,8 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     end
   end
   local outs, oerr = outputs_mod.open { out = o.out, format = cred_format, results = rpath,
-    extra_columns = chk.extra_columns, resume = o.resume, present = present }
+    extra_columns = chk.extra_columns, resume = o.resume, present = present, gateways = o.subdevices,
+    certificates = has_csr }
   if not outs then journal:close() return nil, errors.new("config", oerr) end
   local by_key = journal.state.by_key
   local reverify = o.reverify or journal.state.reverify
@@ -459,7 +525,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   -- whose fsync alone takes longer: the disk's own pace, nothing would be quicker).
   local function sending(row, timeout)
     local rec = { key = row.key, line = row.line, state = "sending", assetId = row.assetId,
-      newDeviceKey = row.target.newDeviceKey, timeout = timeout }
+      newDeviceKey = row.target.newDeviceKey, timeout = timeout, gateway = row.gateway }
     row.sending_seq = journal:append(rec)
     row.sending_ts = rec.ts                  -- the time a resume will count from
   end
@@ -490,11 +556,28 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
 
   -- 4. One row: the workflow, with the batch's options. The preflight has found the asset: the row's journal
   -- records name it from now on (a resume reads it back).
-  local function before_replace(dev)
+  local function before_replace(dev, report)
     local row = row_here()
     if row and not row.assetId then row.assetId = dev.assetId end
+    if row and report and report.gateway and not row.gateway then
+      -- a sub-device: the gateway goes into the sending record, so a resume can restore a link the replace dropped
+      row.gateway = { assetId = report.gateway.assetId, productKey = report.gateway.productKey,
+        deviceKey = report.gateway.deviceKey }
+      row.sending_seq = nil
+    end
   end
-  local function wf_options(verify)
+  local has_tags = (o.tags and next(o.tags) ~= nil) or o.stamp
+  -- a row with steps after its replace: its secret is journaled ("replaced") before they run, so a crash
+  -- among them resumes with what is left (workflow finish), never with a second replace
+  local function on_replaced(report)
+    local row = row_here()
+    if not (row and (has_tags or row.csr or report.gateway)) then return end
+    local n = report.new
+    row.after = true
+    journal:append { key = row.key, line = row.line, state = "replaced", assetId = n.assetId,
+      productKey = n.productKey, newDeviceKey = n.deviceKey, encrypted = n.encrypted, gateway = row.gateway }
+  end
+  local function wf_options(verify, finish)
     return assert(workflow.options {
       sleep = function(sec) return sched:sleep(sec) end, require_secret = require_secret,
       verify = verify, check_free = o.check_free, max_attempts = o.max_attempts, settle_ms = o.settle_ms,
@@ -502,18 +585,40 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       max_retry_after = o.max_retry_after,
       steps = false,              -- the batch keeps its own records: no per-row step list
       prove_key = false,          -- proven once for the batch (M.prove_key), not on every row's preflight
-      before_replace = before_replace,
+      before_replace = before_replace, on_replaced = on_replaced,
+      check_gateway = o.subdevices or false, check_certificates = o.check_certificates or false,
+      tags = o.tags, stamp = o.stamp, cert_valid_day = o.cert_valid_day, finish = finish or nil,
     })
   end
   local wf_opts = wf_options(o.verify)
   -- a row whose device the bulk read found (not a gateway) is verified in bulk too, after its replace
   local wf_bulk = o.verify and wf_options(false) or wf_opts
+  local wf_finish = wf_options(o.verify, true)
 
   local function finish_done(row, new, outcome, warn)
     outs:deliver(row, new, outcome)
     outs:result(row, outcome, new.assetId, warn)
     commit:finish(row, { state = "done", outcome = outcome, assetId = new.assetId, productKey = new.productKey,
-      newDeviceKey = new.deviceKey, encrypted = new.encrypted, warning = warn and err_fields(warn) or nil }, outcome)
+      newDeviceKey = new.deviceKey, encrypted = new.encrypted, warning = warn and err_fields(warn) or nil,
+      gateway = new.gateway and { assetId = new.gateway.assetId, productKey = new.gateway.productKey,
+        deviceKey = new.gateway.deviceKey } or nil,
+      certSn = new.certificate and new.certificate.certSn or nil }, outcome)
+  end
+  -- A row replaced before (journal "replaced", or reconciled) whose steps after the replace are left: the
+  -- workflow's finish (no second replace; the secret read back; link, certificate, tags done if not yet).
+  local function finish_after(row, prev, outcome)
+    local t = workflow.checked_target { assetId = prev.assetId, newDeviceKey = prev.newDeviceKey,
+      orgId = row.target.orgId }
+    local report, err = workflow.replace(client, t, wf_finish, { csr = row.csr, gateway = prev.gateway,
+      old_key = row.target.deviceKey, replaced_ms = prev.ts })
+    if not report and err and err.report and err.report.new then report = err.report end
+    if report and report.new and workflow.secret_in_hand(client, require_secret, report.new) then
+      return finish_done(row, report.new, outcome, report.error)
+    end
+    local e = err or (report and report.error) or errors.new("unknown", "the replace's remaining steps did not finish")
+    outs:result(row, "unknown", prev.assetId, e)
+    return commit:finish(row, { state = "replaced", assetId = prev.assetId, productKey = prev.productKey,
+      newDeviceKey = prev.newDeviceKey, encrypted = prev.encrypted, gateway = prev.gateway, error = err_fields(e) }, e)
   end
   local function unreadable(row, prev, what)
     local e = errors.new("transport", "could not read the device back to " .. what .. "; resume again")
@@ -533,6 +638,20 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   local replaced_at = nil            -- when the last replace returned (the rest of the run is its verification)
   local function run_row(row)
     local prev = by_key[row.key]
+    local cpath = has_csr and M.csr_path(row.extra, src)
+    if cpath then
+      local pem, why = M.read_csr(cpath)
+      if not pem then
+        -- (checked before the run; changed since): this row fails before anything is sent for it
+        local e = errors.new("invalid_argument", why .. "; nothing was sent for this row", { field = "csr" })
+        outs:result(row, "failed", row.assetId, e)
+        return commit:finish(row, { state = "failed", assetId = row.assetId, error = err_fields(e) }, e)
+      end
+      row.csr = pem
+    end
+    if prev and prev.state == "replaced" and not reverify then
+      return finish_after(row, prev, "done")
+    end
     local back = row.back            -- (the reader's read-back of a row the journal left in flight, or reverified)
     if prev and prev.state == "done" and reverify then
       -- trust only what the platform shows: done there (new key, secret in hand) or run the row again
@@ -563,6 +682,10 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     if prev and (prev.state == "sending" or prev.state == "unknown") then
       if back.state == "done" then
         local d = back.device
+        if has_tags or row.csr or prev.gateway or o.subdevices then
+          return finish_after(row, { assetId = d.assetId, productKey = d.productKey, newDeviceKey = d.deviceKey,
+            encrypted = d.encrypted, gateway = prev.gateway, ts = prev.ts }, "reconciled")
+        end
         local new = { assetId = d.assetId, productKey = d.productKey, deviceKey = d.deviceKey,
           deviceSecret = d.deviceSecret, encrypted = d.encrypted }
         return finish_done(row, new, "reconciled")
@@ -573,7 +696,8 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
     sending(row, client.timeout)
     local dev = row.device
     local in_bulk = dev and dev.productType ~= "Gateway" and o.verify
-    local report, err = workflow.replace(client, row.target, in_bulk and wf_bulk or wf_opts, dev and { device = dev })
+    local report, err = workflow.replace(client, row.target, in_bulk and wf_bulk or wf_opts,
+      (dev or row.csr) and { device = dev, csr = row.csr } or nil)
     replaced_at = sched.now()
     if not report and err and err.report and err.report.new then report = err.report end
     if report and report.outcome == "wrong_device" then
@@ -595,6 +719,18 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       outs:result(row, "unknown", report.new.assetId, e)
       return commit:finish(row, { state = "unknown", assetId = report.new.assetId, productKey = report.new.productKey,
         newDeviceKey = report.new.deviceKey, encrypted = report.new.encrypted, error = err_fields(e) }, e)
+    end
+    local after_err = report and report.new and report.error and AFTER_STEPS[report.error.step] and report.error
+    if after_err then
+      -- replaced, secret in hand, but a step after it failed: not done. The credentials are delivered now (the
+      -- secret is never left to chance); the journal says "replaced", so a resume finishes what is left.
+      local e = errors.new(after_err.kind, "replaced, but the " .. after_err.step .. " step failed: " ..
+        tostring(after_err.message) .. "; resume to finish it", { code = after_err.code })
+      outs:deliver(row, report.new, "replaced")
+      outs:result(row, "failed", report.new.assetId, e)
+      return commit:finish(row, { state = "replaced", assetId = report.new.assetId, productKey = report.new.productKey,
+        newDeviceKey = report.new.deviceKey, encrypted = report.new.encrypted, gateway = row.gateway,
+        error = err_fields(e) }, e)
     end
     if report and report.new and in_bulk and report.ok then
       verifier:add(row, report)       -- done once verified, with the next window of replaced rows, in one read
@@ -664,6 +800,11 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   stats.rate = stats.elapsed > 0 and (stats.done + stats.failed) / stats.elapsed or 0
   stats.journal, stats.results, stats.credentials = jpath, rpath, o.out
   stats.fsyncs = journal.fsyncs
+  if o.subdevices and o.out then
+    local files, gerr = outputs_mod.gateway_files(o.out, cred_format)
+    if files then stats.gateway_files = files
+    else warnings[#warnings + 1] = "could not write the per-gateway files: " .. tostring(gerr) end
+  end
   progress(true)
   return stats
 end

@@ -494,6 +494,10 @@ function Client:_call(spec)
     local res
     res, err = self:_send_raw(req)
     if not res then return nil, err end
+    if spec.serials and res.body then
+      -- certificate serials are integers that may pass 2^53: read as the digits sent, never as a float
+      res.body = res.body:gsub('("certS[Nn]"%s*:%s*)(%d+)', '%1"%2"')
+    end
     local doc = json.decode(res.body or "")
     local bad_url = not_an_endpoint(res, doc, req.url)
     if bad_url then return nil, bad_url end
@@ -740,6 +744,134 @@ function CALLS.add_sub_devices(self, p)
   return spec
 end
 
+local GW_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true }
+--- Get Gateway's request (API v2.1): the device {assetId | productKey + deviceKey, orgId} whose gateway is asked.
+function CALLS.get_gateway(self, p)
+  local ok, err = check_known(p, GW_PARAMS, "get_gateway")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "getGateway" })
+  if not query then return nil, err end
+  return { method = "GET", path = "/connect-service/v2.1/device-topos", query = query, plain_query = true }
+end
+
+local UPDATE_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, deviceName = true,
+  timezone = true, deviceTags = true, deviceAttributes = true, deviceDesc = true }
+--- Update Device's request (API v2.1, patch semantics): the device, plus `deviceName` ({defaultValue, i18nValue})
+-- and `timezone`, which the platform requires on every update (send the device's current ones), and any of
+-- `deviceTags` (a map of strings: the whole map is sent), `deviceAttributes`, `deviceDesc`.
+function CALLS.update_device(self, p)
+  local ok, err = check_known(p, UPDATE_PARAMS, "update_device")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "update" })
+  if not query then return nil, err end
+  if type(p.deviceName) ~= "table" or type(p.deviceName.defaultValue) ~= "string" then
+    return nil, errors.arg("deviceName", "deviceName {defaultValue, i18nValue} is required by Update Device " ..
+      "(send the device's current name)")
+  end
+  ok, err = check_string(p, "timezone", true, 64)
+  if not ok then return nil, err end
+  ok, err = check_string(p, "deviceDesc", false, 1024)
+  if not ok then return nil, err end
+  local body = { deviceName = { defaultValue = p.deviceName.defaultValue,
+    i18nValue = type(p.deviceName.i18nValue) == "table" and p.deviceName.i18nValue or {} }, timezone = p.timezone, deviceDesc = p.deviceDesc }
+  if p.deviceTags ~= nil then
+    if type(p.deviceTags) ~= "table" or p.deviceTags[1] ~= nil then
+      return nil, errors.arg("deviceTags", "deviceTags must be a map of strings")
+    end
+    for k, v in pairs(p.deviceTags) do
+      if type(k) ~= "string" or type(v) ~= "string" then
+        return nil, errors.arg("deviceTags", "deviceTags must map strings to strings (tag " .. tostring(k) .. ")")
+      end
+    end
+    body.deviceTags = p.deviceTags     -- (lua-cjson writes an empty table as {})
+  end
+  if p.deviceAttributes ~= nil then
+    if type(p.deviceAttributes) ~= "table" then return nil, errors.arg("deviceAttributes", "deviceAttributes must be a map") end
+    body.deviceAttributes = p.deviceAttributes
+  end
+  -- the same values sent twice leave the device the same: safe to send again
+  return { method = "POST", path = "/connect-service/v2.1/devices", query = query, plain_query = true,
+    body = json.encode_object(body, { "deviceName", "timezone" }) }
+end
+
+local CERT_PATH = "/connect-service/v2.0/certificates"
+local CERT_LIST_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true }
+--- List Certificate's request: the device {assetId | productKey + deviceKey, orgId}.
+function CALLS.list_certificates(self, p)
+  local ok, err = check_known(p, CERT_LIST_PARAMS, "list_certificates")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "list" })
+  if not query then return nil, err end
+  return { method = "GET", path = CERT_PATH, query = query, plain_query = true, serials = true }
+end
+
+local CSR_MAX = 16384
+--- The problem with a CSR's text (PEM), or nil.
+function M.csr_problem(csr)
+  if type(csr) ~= "string" then return "csr must be the PEM text of a certificate signing request" end
+  if #csr > CSR_MAX then return "csr is longer than " .. CSR_MAX .. " bytes" end
+  if not csr:find("-----BEGIN CERTIFICATE REQUEST-----", 1, true)
+      or not csr:find("-----END CERTIFICATE REQUEST-----", 1, true) then
+    return "csr is not a PEM certificate signing request (no BEGIN/END CERTIFICATE REQUEST lines)"
+  end
+  if csr:find("PRIVATE KEY-----", 1, true) then
+    return "csr holds a private key: give the certificate signing request only (the key stays on the device)"
+  end
+  return nil
+end
+
+local CERT_APPLY_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, csr = true,
+  validDay = true, issueAuthority = true }
+--- Apply Certificate's request: the device, `csr` (PEM), `validDay` (default 730), `issueAuthority` (RSA | ECC);
+-- never sent again by the transport on its own.
+function CALLS.apply_certificate(self, p)
+  local ok, err = check_known(p, CERT_APPLY_PARAMS, "apply_certificate")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "apply" })
+  if not query then return nil, err end
+  local why = M.csr_problem(p.csr)
+  if why then return nil, errors.arg("csr", why) end
+  local days = p.validDay or 730
+  if type(days) ~= "number" or days < 1 or days % 1 ~= 0 or days > 36500 then
+    return nil, errors.arg("validDay", "validDay must be a whole number of days, 1 or more")
+  end
+  local ia = p.issueAuthority or "RSA"
+  if ia ~= "RSA" and ia ~= "ECC" then return nil, errors.arg("issueAuthority", "issueAuthority must be RSA or ECC") end
+  return { method = "POST", path = CERT_PATH, query = query, plain_query = true, idempotent = false, serials = true,
+    body = json.encode_object({ csr = p.csr, validDay = days, issueAuthority = ia }, { "csr", "validDay" }) }
+end
+
+--- The reasons a certificate is revoked for (RFC 5280 codes EnOS takes): name → code.
+M.REVOKE_REASONS = { unspecified = 0, key_compromise = 1, affiliation_changed = 3, superseded = 4,
+  cessation = 5, hold = 6, privilege_withdrawn = 9 }
+
+local CERT_REVOKE_PARAMS = { assetId = true, productKey = true, deviceKey = true, orgId = true, certSn = true,
+  reason = true }
+--- Revoke Certificate's request: the device, `certSn` (the serial: digits, as list_certificates gives it) and
+-- `reason` (default 4, superseded); never sent again by the transport on its own.
+function CALLS.revoke_certificate(self, p)
+  local ok, err = check_known(p, CERT_REVOKE_PARAMS, "revoke_certificate")
+  if not ok then return nil, err end
+  local query
+  query, err = self:_target(p, { action = "revoke" })
+  if not query then return nil, err end
+  local sn = p.certSn
+  if type(sn) == "number" and sn >= 0 and sn % 1 == 0 and sn < 2^53 then sn = string.format("%d", sn) end
+  if type(sn) ~= "string" or not sn:match("^%d+$") or #sn > 50 then
+    return nil, errors.arg("certSn", "certSn must be the certificate's serial number (digits)")
+  end
+  local reason = p.reason or 4
+  local known = false
+  for _, code in pairs(M.REVOKE_REASONS) do if code == reason then known = true end end
+  if not known then return nil, errors.arg("reason", "reason must be one of 0, 1, 3, 4, 5, 6, 9 (4: superseded)") end
+  return { method = "POST", path = CERT_PATH, query = query, plain_query = true, idempotent = false, serials = true,
+    body = string.format('{"certSn":%s,"reason":%d}', sn, reason) }
+end
+
 --- Builds the signed request for a call without sending it (a dry run).
 -- @return request table {method, url, headers, body} (tostring redacts the token) | nil, err
 function Client:prepare(call, params)
@@ -817,6 +949,60 @@ end
 function Client:add_sub_devices(p)
   local data, env = call(self, "add_sub_devices", p)     -- (not a tail call: errors name the caller)
   return data, env
+end
+
+--- Get Gateway: the gateway device a sub-device connects through, or false when it has none | nil, err.
+function Client:get_gateway(p)
+  local data, env = call(self, "get_gateway", p)
+  if not data then return nil, env end
+  if type(data) ~= "table" or type(data.assetId) ~= "string" then return false, env end
+  return data, env
+end
+
+--- Update Device (patch): true | nil, err. See CALLS.update_device for the parameters.
+function Client:update_device(p)
+  local data, env = call(self, "update_device", p)
+  if not data then return nil, env end
+  return true, env
+end
+
+-- A certificate record as EnOS gives it, with the serial under one name (`certSn`, digits).
+local function cert_of(c)
+  if type(c) ~= "table" then return nil end
+  local sn = c.certSn or c.certSN
+  if type(sn) == "number" and sn % 1 == 0 then sn = string.format("%.0f", sn) end
+  c.certSn, c.certSN = sn ~= nil and tostring(sn) or nil, nil
+  return c
+end
+
+--- List Certificate: the device's certificates, each {certSn, cert, certStatus (0 valid, 1 revoked,
+-- 2 expired), issuer, subject, expireDate, …} | nil, err.
+function Client:list_certificates(p)
+  local data, env = call(self, "list_certificates", p)
+  if not data then return nil, env end
+  local out = {}
+  if type(data) == "table" then
+    for _, c in ipairs(data) do out[#out + 1] = cert_of(c) end
+  end
+  return out, env
+end
+
+--- Apply Certificate: {certSn, cert, caCert, certChainURL, issueAuthority} | nil, err.
+function Client:apply_certificate(p)
+  local data, env = call(self, "apply_certificate", p)
+  if not data then return nil, env end
+  local c = cert_of(data)
+  if not c or type(c.cert) ~= "string" or not c.certSn then
+    return nil, errors.new("protocol", "apply certificate reply has no cert or certSn", { request_id = env.requestId })
+  end
+  return c, env
+end
+
+--- Revoke Certificate: true | nil, err.
+function Client:revoke_certificate(p)
+  local data, env = call(self, "revoke_certificate", p)
+  if not data then return nil, env end
+  return true, env
 end
 
 --- Any other EnOS call, signed the same way: data, envelope | nil, err.

@@ -107,7 +107,7 @@ end
 local CODE_KIND = {
   [11702] = "conflict", [11704] = "invalid_argument", [99400] = "invalid_argument",
   [99403] = "permission", [99404] = "not_found", [11858] = "config", [99500] = "server",
-  [1203] = "auth",
+  [1203] = "auth", [11404] = "not_found", [11833] = "conflict",
 }
 
 --- Maps a business envelope with a non-zero code.

@@ -11,7 +11,7 @@ local J = {}
 J.__index = J
 
 -- The fields of a record that a resume needs (the rest is history).
-local KEEP = { "state", "assetId", "productKey", "newDeviceKey", "ts", "timeout", "outcome", "line" }
+local KEEP = { "state", "assetId", "productKey", "newDeviceKey", "ts", "timeout", "outcome", "line", "gateway" }
 
 --- Reads a journal: returns {by_key = {key → last record (compact)}, header = first record, records = n} | nil, err.
 -- A torn last line (the process died mid-write) is ignored. `keep_encrypted(rec)` says whether a done

@@ -8,6 +8,7 @@ local core = require "enos.core"
 local errors = require "enos.errors"
 local json = require "enos.json"
 local reconcile = require "enos.reconcile"
+local aftercare = require "enos.aftercare"
 local target_mod = require "enos.target"
 
 -- (enos.plan requires enos.client only, so this does not loop)
@@ -32,6 +33,9 @@ M.DEFAULTS = {
   -- preflight reads the current secret and decrypts it: a wrong private key stops before anything changes
   -- (a batch proves the key once itself: false per row)
   prove_key = true,
+  check_gateway = true,       -- a sub-device: preflight asks for its gateway, the link is checked after the replace
+  check_certificates = true,  -- preflight lists the certificates: valid ones without a `csr` refuse the replace
+  cert_valid_day = 730,
 }
 
 local KNOWN_OPTS = {
@@ -41,6 +45,8 @@ local KNOWN_OPTS = {
   sleep = true, clock = true, confirm = true, on_step = true, record = true, steps = true, prove_key = true,
   before_replace = true,
   max_retry_after = true,
+  check_gateway = true, check_certificates = true, csr = true, cert_valid_day = true, cert_authority = true,
+  tags = true, stamp = true, finish = true, on_replaced = true, on_cert_issued = true,
 }
 
 --- The formats of the provisioning record (`format`): json, env, text.
@@ -252,12 +258,35 @@ local function check_opts(opts)
   if o.require_secret ~= nil and type(o.require_secret) ~= "boolean" then
     return nil, errors.arg("require_secret", "require_secret must be a boolean")
   end
-  for _, k in ipairs { "sleep", "clock", "confirm", "on_step", "before_replace" } do
+  for _, k in ipairs { "sleep", "clock", "confirm", "on_step", "before_replace", "on_replaced", "on_cert_issued" } do
     if o[k] ~= nil and type(o[k]) ~= "function" then return nil, errors.arg(k, k .. " must be a function") end
   end
   -- a string "no" is truthy: a flag that is not a boolean would do the opposite of what it says
-  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite", "steps", "prove_key" } do
+  for _, k in ipairs { "check_free", "verify", "dry_run", "overwrite", "steps", "prove_key", "check_gateway",
+      "check_certificates", "stamp", "finish" } do
     if o[k] ~= nil and type(o[k]) ~= "boolean" then return nil, errors.arg(k, k .. " must be a boolean") end
+  end
+  if o.csr ~= nil then
+    -- checked before anything is sent: a CSR the platform would refuse must not be found out after the replace
+    local authority, info = aftercare.check_csr(o.csr)
+    if not authority then return nil, errors.arg("csr", "the CSR is not usable: " .. info) end
+    if o.cert_authority ~= nil and o.cert_authority ~= authority then
+      return nil, errors.arg("cert_authority", "cert_authority " .. tostring(o.cert_authority) .. " does not match " ..
+        "the CSR's key (" .. info.key .. ": " .. authority .. ")")
+    end
+    o.cert_authority, o.csr_info = authority, info
+  elseif o.cert_authority ~= nil and o.cert_authority ~= "RSA" and o.cert_authority ~= "ECC" then
+    return nil, errors.arg("cert_authority", "cert_authority must be RSA or ECC")
+  end
+  if type(o.cert_valid_day) ~= "number" or o.cert_valid_day < 1 or o.cert_valid_day % 1 ~= 0 then
+    return nil, errors.arg("cert_valid_day", "cert_valid_day must be a whole number of days >= 1")
+  end
+  if o.tags ~= nil then
+    if type(o.tags) ~= "table" then return nil, errors.arg("tags", "tags must be a table of name = value") end
+    for k, v in pairs(o.tags) do
+      local why = aftercare.tag_problem(k, v)
+      if why then return nil, errors.arg("tags", why) end
+    end
   end
   if o.record ~= nil then
     -- checked now: a bad record would otherwise fail after the device changed
@@ -308,7 +337,8 @@ local function iso8601(epoch)
 end
 
 local RECORD_ORDER = { "assetId", "productKey", "deviceKey", "deviceSecret", "encrypted", "orgId", "endpoint",
-  "apiVersion", "replacedAt", "outcome", "requestId" }
+  "apiVersion", "replacedAt", "outcome", "requestId", "gatewayAssetId", "gatewayProductKey", "gatewayDeviceKey",
+  "certSn", "certificate", "caCertificate" }
 --- The provisioning record's own fields (a set): `opts.record` cannot set them.
 M.RECORD_FIELDS = {}
 for _, k in ipairs(RECORD_ORDER) do M.RECORD_FIELDS[k] = true end
@@ -322,6 +352,14 @@ function M.make_record(client, new, extra)
   }
   if new.encrypted and (new.encrypted.deviceSecret or new.encrypted.sessionKey) then
     rec.encrypted = { deviceSecret = new.encrypted.deviceSecret, sessionKey = new.encrypted.sessionKey }
+  end
+  if new.gateway then
+    rec.gatewayAssetId, rec.gatewayProductKey, rec.gatewayDeviceKey =
+      new.gateway.assetId, new.gateway.productKey, new.gateway.deviceKey
+  end
+  if new.certificate then
+    rec.certSn, rec.certificate, rec.caCertificate = new.certificate.certSn, new.certificate.cert,
+      new.certificate.caCert
   end
   for k, v in pairs(extra or {}) do rec[k] = v end
   return rec
@@ -337,6 +375,9 @@ local ENV_NAMES = {
   { "assetId", "ENOS_ASSET_ID" }, { "productKey", "ENOS_PRODUCT_KEY" }, { "deviceKey", "ENOS_DEVICE_KEY" },
   { "deviceSecret", "ENOS_DEVICE_SECRET" }, { "orgId", "ENOS_ORG_ID" }, { "endpoint", "ENOS_ENDPOINT" },
   { "apiVersion", "ENOS_API_VERSION" }, { "replacedAt", "ENOS_REPLACED_AT" },
+  { "gatewayAssetId", "ENOS_GATEWAY_ASSET_ID" }, { "gatewayProductKey", "ENOS_GATEWAY_PRODUCT_KEY" },
+  { "gatewayDeviceKey", "ENOS_GATEWAY_DEVICE_KEY" }, { "certSn", "ENOS_CERT_SN" },
+  { "certificate", "ENOS_CERTIFICATE" }, { "caCertificate", "ENOS_CA_CERTIFICATE" },
 }
 
 --- Renders a record as json | env | text.
@@ -532,7 +573,17 @@ local function preflight(ctx, client, target, known)
     dev = known
     ctx.reads = { "Search Device (the batch's bulk read)" }
   else
-    dev, err = ctx:read(client.get_device, client, ident)
+    if o.finish and not target.assetId then
+      -- finishing a replace made before: the device carries the new key now (else: not replaced yet)
+      local by_new = { productKey = target.productKey, deviceKey = target.newDeviceKey, orgId = ident.orgId,
+        requireSecret = ident.requireSecret }
+      dev, err = ctx:read(client.get_device, client, by_new)
+      if not dev and not (err.kind == "not_found" or err.code == 99400) then
+        ctx:finish(s, "failed", tostring(err))
+        return nil, err
+      end
+    end
+    if not dev then dev, err = ctx:read(client.get_device, client, ident) end
     ctx.reads = { prove and "Get Device (with requireSecret, to prove the private key)" or "Get Device" }
   end
   if not dev then
@@ -556,7 +607,8 @@ local function preflight(ctx, client, target, known)
     end
   end
   if (target.assetId and dev.assetId ~= target.assetId) or (not target.assetId and
-      (dev.productKey ~= target.productKey or dev.deviceKey ~= target.deviceKey)) then
+      (dev.productKey ~= target.productKey or (dev.deviceKey ~= target.deviceKey and
+        not (o.finish and dev.deviceKey == target.newDeviceKey)))) then
     -- a reply about another device: nothing it says can be trusted to name the device to change
     local e = errors.new("protocol", "the platform answered the preflight read of " .. describe_target(target) ..
       " with another device (assetId " .. tostring(dev.assetId) .. ", deviceKey " .. tostring(dev.deviceKey) ..
@@ -575,8 +627,16 @@ local function preflight(ctx, client, target, known)
     return nil, e
   end
   local pkind, pmsg, pfields = M.device_problem(dev, target)
-  if pkind then return refuse(pkind, pmsg, pfields) end
-  if o.check_free then
+  if pkind and o.finish and dev.deviceKey == target.newDeviceKey then
+    ctx.finishing = true           -- replaced before: only what is left is done
+  elseif pkind then
+    if dev.deviceKey == target.newDeviceKey then
+      pmsg = pmsg .. "; to finish what is left of that replace (secret, certificate, gateway link, tags), " ..
+        "run it again with --finish (finish = true)"
+    end
+    return refuse(pkind, pmsg, pfields)
+  end
+  if o.check_free and not ctx.finishing then
     local expr = string.format("productKey = '%s' and deviceKey = '%s'", dev.productKey, target.newDeviceKey)
     local list, serr = ctx:read(function()
       return client:search_devices { expression = expr, pageNo = 1, pageSize = 10, orgId = target.orgId }
@@ -615,8 +675,52 @@ local function preflight(ctx, client, target, known)
     ctx.reads[#ctx.reads + 1] = "Search Sub-Device"
     report.subdevices = { before = #subs, after = nil, reattached = 0 }
   end
-  ctx:finish(s, "ok", "%s %s/%s status %s%s", dev.assetId, tostring(dev.productKey),
-    tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or "")
+  local ropts = { read = function(fn, ...) return ctx:read(fn, ...) end }
+  ctx.ropts = ropts
+  local given = ctx.known and ctx.known.gateway
+  if dev.productType ~= "Gateway" and (o.check_gateway or given) then
+    local gw, gerr
+    if given then gw = given       -- (the batch's journal names it on a resume)
+    else
+      gw, gerr = aftercare.gateway_of(client, dev.assetId, target.orgId, ropts)
+      ctx.reads[#ctx.reads + 1] = "Get Gateway"
+    end
+    if gw == nil then
+      ctx:warn("could not ask for the device's gateway (" .. tostring(gerr) .. "): its link is not checked")
+    elseif gw then
+      ctx.gateway = gw
+      report.gateway = { assetId = gw.assetId, productKey = gw.productKey, deviceKey = gw.deviceKey }
+    end
+  end
+  if o.csr or o.check_certificates then
+    local valid, cerr = aftercare.valid_certificates(client, dev.assetId, target.orgId, ropts)
+    ctx.reads[#ctx.reads + 1] = "List Certificate"
+    if not valid and o.csr then
+      cerr.message = "cannot list the device's certificates: " .. tostring(cerr.message)
+      ctx:finish(s, "failed", tostring(cerr))
+      return nil, cerr
+    elseif not valid then
+      ctx:warn("could not list the device's certificates (" .. tostring(cerr) .. "): if it authenticates with a " ..
+        "certificate, the old unit's is still valid")
+    else
+      local mine = 0
+      for _, c in ipairs(valid) do
+        local info = ctx.finishing and o.csr_info and type(c.cert) == "string" and core.cert_info(c.cert)
+        if info and info.key_sha256 == o.csr_info.key_sha256 then mine = mine + 1 end
+      end
+      report.certificates = { valid_before = #valid - mine }
+      if #valid - mine > 0 and not o.csr then
+        return refuse("invalid_argument", "device " .. dev.assetId .. " has " .. (#valid - mine) .. " valid " ..
+          "certificate(s) (a two-way TLS product): after a replace the old unit's would still connect. Give the " ..
+          "new unit's certificate signing request (--csr FILE, csr = PEM) so they are revoked and one is issued; " ..
+          "nothing was changed", { field = "csr" })
+      end
+    end
+  end
+  ctx:finish(s, "ok", "%s %s/%s status %s%s%s%s", dev.assetId, tostring(dev.productKey),
+    tostring(dev.deviceKey), tostring(dev.status), ctx.subs_before and (", " .. #ctx.subs_before .. " sub-devices") or "",
+    ctx.gateway and (", behind gateway " .. ctx.gateway.assetId) or "",
+    report.certificates and (", " .. report.certificates.valid_before .. " valid certificate(s)") or "")
   return dev
 end
 
@@ -987,6 +1091,96 @@ local function wait_active(ctx, client, target)
   return w.online
 end
 
+--- What the steps after the replace will do, in words (a dry run, a confirmation): a list of lines, or nil.
+function M.after_plan(ctx, o)
+  local out = {}
+  if ctx.gateway then out[#out + 1] = "check the link to gateway " .. ctx.gateway.assetId .. " (add it back if dropped)" end
+  local c = ctx.report.certificates
+  if o.csr then
+    out[#out + 1] = "revoke " .. (c and c.valid_before or "the") .. " valid certificate(s) (superseded), then issue " ..
+      "one for the new unit's CSR (" .. tostring(o.cert_authority) .. ", " .. o.cert_valid_day .. " days)"
+  end
+  if o.tags and next(o.tags) or o.stamp then
+    local names = {}
+    for k in pairs(o.tags or {}) do names[#names + 1] = k end
+    if o.stamp then names[#names + 1] = "replacedAt" names[#names + 1] = "replacedFrom" end
+    table.sort(names)
+    out[#out + 1] = "tag the asset: " .. table.concat(names, ", ")
+  end
+  return #out > 0 and out or nil
+end
+
+--- The steps after the replace (its secret in hand and delivered): the gateway link, the certificate swap, the
+-- tags. Each reads before it writes (a second run does what is left). Returns nil | the first error.
+function M._after(ctx, client, t, dev)
+  local o, report = ctx.o, ctx.report
+  local first
+  local org = t.orgId
+  local aid = ctx.asset.assetId
+  if ctx.gateway then
+    local s = ctx:begin("link")
+    local r, err = aftercare.link(client, aid, org, ctx.gateway, ctx.ropts)
+    if r then
+      report.gateway.relinked = r.relinked
+      if r.relinked then ctx:warn("the replace dropped the link to gateway " .. ctx.gateway.assetId .. "; it was added back") end
+      ctx:finish(s, "ok", r.relinked and "link to gateway %s added back" or "still behind gateway %s", ctx.gateway.assetId)
+    else
+      err.step = "link"
+      first = err
+      report.gateway.link_error = tostring(err)
+      ctx:finish(s, "failed", tostring(err))
+    end
+  end
+  if o.csr then
+    local s = ctx:begin("certificate")
+    local r, err = aftercare.certificates(client, aid, org, { csr = o.csr, key_sha256 = o.csr_info.key_sha256,
+      authority = o.cert_authority, valid_day = o.cert_valid_day, read = ctx.ropts.read,
+      on_issued = o.on_cert_issued and function(c) o.on_cert_issued(c, report) end })
+    local c = report.certificates or {}
+    report.certificates = c
+    c.revoked = r and r.revoked or (err.partial and err.partial.revoked) or {}
+    if r then
+      c.issued = r.cert and r.cert.certSn
+      c.reused = r.reused or nil
+      report.new.certificate = r.cert
+      -- the record again, now with the certificate (the secret was delivered first: nothing can lose it)
+      local rec = report._record
+      if rec then
+        rec.certSn, rec.certificate, rec.caCertificate = r.cert.certSn, r.cert.cert, r.cert.caCert
+        if o.out then
+          local ok, werr = M.write_private(o.out, M.render_record(rec, o.format), true)
+          if not ok then err = werr end
+        end
+      end
+      if not err then
+        ctx:finish(s, "ok", "%d revoked (superseded), %s %s", #c.revoked, r.reused and "kept" or "issued",
+          tostring(c.issued))
+      end
+    end
+    if err then
+      err.step = "certificate"
+      first = first or err
+      ctx:finish(s, "failed", tostring(err))
+    end
+  end
+  if (o.tags and next(o.tags)) or o.stamp then
+    local s = ctx:begin("tag")
+    local old_key = ctx.finishing and (t.deviceKey or (ctx.known and ctx.known.old_key)) or dev.deviceKey
+    local tags = aftercare.stamp_tags(o.tags, o.stamp, ctx.replaced_ms, old_key)
+    if o.stamp and not old_key then tags.replacedFrom = nil end
+    local r, err = aftercare.tag(client, aid, org, tags, not ctx.finishing and dev or nil, ctx.ropts)
+    report.tags = tags
+    if r then
+      ctx:finish(s, "ok", r.updated and "tagged" or "already tagged")
+    else
+      err.step = "tag"
+      first = first or err
+      ctx:finish(s, "failed", tostring(err))
+    end
+  end
+  return first
+end
+
 -- ---------------------------------------------------------------- the workflow
 
 --- Replaces a device and does everything around it.
@@ -1009,6 +1203,15 @@ function M.replace(client, target, opts, known)
     o, err = check_opts(opts or {})
     if not o then return nil, err end
   end
+  if known and known.csr then
+    -- a CSR of this target's own (a batch row's): the options once more, with it
+    local authority, info = aftercare.check_csr(known.csr)
+    if not authority then return nil, errors.arg("csr", "the CSR is not usable: " .. info) end
+    local o2 = {}
+    for k, v in pairs(o) do o2[k] = v end
+    o2.csr, o2.csr_info, o2.cert_authority = known.csr, info, authority
+    o = o2
+  end
   local t
   if CHECKED_TARGETS[target] then t = target else t, err = check_target(target) end
   if not t then return nil, err end
@@ -1020,6 +1223,7 @@ function M.replace(client, target, opts, known)
     on_step = o.on_step,
   }, Ctx)
   ctx.t0 = ctx:now()
+  ctx.known = known
   if o.require_secret == nil then
     ctx.require_secret = client.api_version ~= "v2.1" and client:has_private_key()
   else
@@ -1036,6 +1240,7 @@ function M.replace(client, target, opts, known)
 
   if o.dry_run then
     local s = ctx:begin("dry_run")
+    report.after = M.after_plan(ctx, o)
     local params = { productKey = dev.productKey, deviceKey = dev.deviceKey, orgId = t.orgId,
       newDeviceKey = t.newDeviceKey }
     if ctx.require_secret then params.requireSecret = true end
@@ -1056,7 +1261,8 @@ function M.replace(client, target, opts, known)
     local plan = {
       assetId = dev.assetId, productKey = dev.productKey, deviceKey = dev.deviceKey, status = dev.status,
       productType = dev.productType, newDeviceKey = t.newDeviceKey, require_secret = ctx.require_secret,
-      out = o.out, subdevices = ctx.subs_before and #ctx.subs_before or nil,
+      out = o.out, subdevices = ctx.subs_before and #ctx.subs_before or nil, gateway = report.gateway,
+      after = M.after_plan(ctx, o),
     }
     local asked_at = ctx:now()
     if not o.confirm(plan, report) then
@@ -1078,8 +1284,16 @@ function M.replace(client, target, opts, known)
   end
 
   local new, how
-  if o.before_replace then o.before_replace(dev) end     -- (the batch names the asset in its journal)
-  new, err, how = replace(ctx, client, t, dev)
+  if ctx.finishing then
+    -- replaced before (finish): nothing is sent again; the secret is read back below
+    local s = ctx:begin("replace")
+    new, how = { assetId = dev.assetId, productKey = dev.productKey, deviceKey = dev.deviceKey }, "finished"
+    ctx:finish(s, "skipped", "already replaced: the device has key %s", t.newDeviceKey)
+  else
+    if o.before_replace then o.before_replace(dev, report) end   -- (the batch names the asset in its journal)
+    new, err, how = replace(ctx, client, t, dev)
+  end
+  ctx.replaced_ms = known and known.replaced_ms or core.now_ms()
   if how == "wrong_device" then
     report.new, report.outcome = new, "wrong_device"
     local _, derr = deliver(ctx, client)
@@ -1099,8 +1313,14 @@ function M.replace(client, target, opts, known)
   -- followed by a read of it; still missing, the report is not ok (the encrypted pair, if any, is delivered).
   local _, serr = fetch_secret(ctx, client, t)
   if serr then report.ok = false; report.error = serr; report.secret_missing = true end
+  new.gateway = report.gateway
   local _, derr = deliver(ctx, client)
   if derr then report.ok = false; report.error = report.error or derr end
+  if not serr and o.on_replaced then o.on_replaced(report) end   -- (the batch journals the secret before what follows)
+  if not serr and not derr then
+    local aerr = M._after(ctx, client, t, dev)
+    if aerr then report.ok = false; report.error = report.error or aerr end
+  end
 
   if o.verify then
     local vok, verr = verify(ctx, client, t)

@@ -13,6 +13,11 @@ local M = {}
 --- The credentials file's columns, in order (the plan's extra columns follow).
 M.CREDENTIAL_COLUMNS = { "line", "assetId", "productKey", "deviceKey", "deviceSecret", "encryptedSecret",
   "sessionKey", "outcome" }
+--- The credentials file's columns when the batch tracks sub-devices' gateways (after CREDENTIAL_COLUMNS).
+M.GATEWAY_COLUMNS = { "gatewayAssetId", "gatewayProductKey", "gatewayDeviceKey" }
+--- The credentials file's columns when the plan has a `csr` column: the certificate's serial and the file
+-- (beside the credentials file) that holds it.
+M.CERT_COLUMNS = { "certSn", "certificateFile" }
 --- The results file's columns, in order (the plan's extra columns follow).
 M.RESULT_COLUMNS = { "line", "target", "newDeviceKey", "assetId", "outcome", "error_kind", "error_code", "message" }
 
@@ -127,14 +132,21 @@ Outputs.__index = Outputs
 function M.open(opts)
   local self = setmetatable({ present = opts.present or {}, cred_only = false, names = {} }, Outputs)
   local extra = opts.extra_columns or {}
-  local function cols(base)
+  local function cols(base, more)
     local c = {}
     for _, x in ipairs(base) do c[#c + 1] = x end
+    for _, list in ipairs(more or {}) do for _, x in ipairs(list) do c[#c + 1] = x end end
     for _, x in ipairs(extra) do c[#c + 1] = x end
     return c
   end
   if opts.out then
-    local r, err = open_out(opts.out, cols(M.CREDENTIAL_COLUMNS), M.format_of(opts.out, opts.format), opts.resume)
+    local more = {}
+    if opts.gateways then more[#more + 1] = M.GATEWAY_COLUMNS end
+    if opts.certificates then
+      more[#more + 1] = M.CERT_COLUMNS
+      self.certs = true
+    end
+    local r, err = open_out(opts.out, cols(M.CREDENTIAL_COLUMNS, more), M.format_of(opts.out, opts.format), opts.resume)
     if not r then return nil, err end
     self.cred = r
   end
@@ -146,6 +158,14 @@ end
 
 --- Delivers a row's new credentials (once per new key).
 function Outputs:deliver(row, new, outcome)
+  local cert_file
+  if new.certificate and self.certs and self.cred then
+    -- the certificate (public) in its own PEM file, named by the new key: a technician copies it onto the unit
+    -- (written even when the key's credentials line is there: a resume that finished the certificate step)
+    local path = M.cert_path(self.cred.path, new.deviceKey)
+    local pem = new.certificate.cert .. (new.certificate.caCert and ("\n" .. new.certificate.caCert) or "")
+    if require("enos.workflow").write_private(path, pem, true) then cert_file = path end
+  end
   if not self.cred or self.present[new.deviceKey] then return end
   local enc = new.encrypted or {}
   local rec = {}
@@ -153,11 +173,71 @@ function Outputs:deliver(row, new, outcome)
   rec.line, rec.assetId, rec.productKey, rec.deviceKey = row.line, new.assetId, new.productKey, new.deviceKey
   rec.deviceSecret, rec.outcome = new.deviceSecret, outcome
   if not new.deviceSecret then rec.encryptedSecret, rec.sessionKey = enc.deviceSecret, enc.sessionKey end
+  if new.gateway then
+    rec.gatewayAssetId, rec.gatewayProductKey, rec.gatewayDeviceKey =
+      new.gateway.assetId, new.gateway.productKey, new.gateway.deviceKey
+  end
+  if new.certificate and self.certs then rec.certSn, rec.certificateFile = new.certificate.certSn, cert_file end
   self.cred:add(rec)
   self.present[new.deviceKey] = true
   -- a secret the journal does not hold (a clear one with no encrypted pair: V2.1) must be on disk before the
   -- journal says done: the next group commit fsyncs the credentials file too
   if rec.deviceSecret and not new.encrypted then self.cred_only = true end
+end
+
+--- The file of a certificate a batch issues, beside the credentials file: `<name>.cert-<newDeviceKey>.pem`
+-- (the device's certificate, then the issuing CA's).
+function M.cert_path(cred_path, new_key)
+  return (cred_path:gsub("%.[%w]+$", "")) .. ".cert-" .. new_key .. ".pem"
+end
+
+--- Writes one file per gateway beside the credentials file, `<name>.gateway-<gatewayAssetId>.csv` (0600): the
+-- new triples of its replaced sub-devices, so that each gateway is configured once. Read from the credentials
+-- file (it holds every delivered row, this run's and earlier runs'). Returns the list of files | nil, err.
+function M.gateway_files(cred_path, format)
+  local by_gw, order = {}, {}
+  local f = io.open(cred_path, "rb")
+  if not f then return {} end
+  local header
+  local function add(r)
+    local gw = r.gatewayAssetId
+    if not gw or gw == "" then return end
+    if not by_gw[gw] then by_gw[gw] = {} order[#order + 1] = gw end
+    local list = by_gw[gw]
+    list[#list + 1] = r
+  end
+  for line in f:lines() do
+    if format == "jsonl" then
+      local r = json.decode(line)
+      if type(r) == "table" then add(r) end
+    else
+      local cells = plan_mod.split_csv(line)
+      if cells and not header then
+        header = cells
+      elseif cells and #cells == #header then
+        local r = {}
+        for i, name in ipairs(header) do r[name] = cells[i] end
+        add(r)
+      end
+    end
+  end
+  f:close()
+  local cols = { "gatewayAssetId", "gatewayProductKey", "gatewayDeviceKey", "assetId", "productKey", "deviceKey",
+    "deviceSecret", "encryptedSecret", "sessionKey" }
+  local names = {}
+  for _, c in ipairs(cols) do names[c] = c end
+  local base = cred_path:gsub("%.[%w]+$", "")
+  local files = {}
+  table.sort(order)
+  for _, gw in ipairs(order) do
+    local buf = { core.csv_row(names, cols) }
+    for _, r in ipairs(by_gw[gw]) do buf[#buf + 1] = core.csv_row(r, cols) end
+    local path = base .. ".gateway-" .. gw:gsub("[^%w_.-]", "_") .. ".csv"
+    local ok, err = require("enos.workflow").write_private(path, table.concat(buf), true)
+    if not ok then return nil, err end
+    files[#files + 1] = path
+  end
+  return files
 end
 
 --- Whether this new key needs no delivery: no credentials file was given, or it already holds the key.

@@ -47,6 +47,17 @@ function M.add_command(p, h)
     b:flag("-y --yes", "Do not ask for confirmation."),
     b:flag("--json", "Print the summary as one JSON document on stdout.")
   )
+  b:group("After each replace",
+    b:flag("--subdevices", "Ask each device's gateway (Get Gateway: one more call per device), restore a link the "
+      .. "replace dropped, name the gateway in the credentials and write one file per gateway of its sub-devices' "
+      .. "new triples."),
+    b:flag("--check-certificates", "List each row's certificates (one more call per device): a row with valid ones "
+      .. "and no csr is refused. Rows with a csr column value always are."),
+    b:option("--cert-days", "Validity in days of the certificates issued for the plan's csr column (default 730)."):argname("<n>"),
+    b:option("--tag", "Stamp each replaced asset with a tag (repeatable): NAME=VALUE. One more call per device."):argname("<k=v>")
+      :count("*"),
+    b:flag("--stamp", "Also tag replacedAt (UTC) and replacedFrom (the old key).")
+  )
   h.connection_options(b)
   b:epilog([[
 Examples:
@@ -68,6 +79,10 @@ Examples:
 Plan (CSV):
    productKey,deviceKey,newDeviceKey,site
    pk_inverter,INV-2231-A,INV-2231-B,North
+
+Certificate products: a plan column csr names each new unit's certificate signing request (a path, relative
+to the plan's directory). After the replace, the asset's valid certificates are revoked (superseded) and one
+is issued for the CSR, into CREDS.cert-NEWKEY.pem beside the credentials file.
 
 The journal holds the encrypted secrets only; the credentials file holds the decrypted ones. Without a
 private key a batch refuses to start (the new secrets could not be read) unless --no-secret.
@@ -122,6 +137,19 @@ function M.run(c, args, h)
   if args.wait_active ~= nil and (args.check or args.dry_run) then
     h.say(c, "--wait-active goes with a run, not with --check or --dry-run")
     return EXIT.usage
+  end
+  if args.cert_days ~= nil then
+    local n = tonumber(args.cert_days)
+    if not n or n < 1 or n % 1 ~= 0 then h.say(c, "--cert-days must be a whole number >= 1") return EXIT.usage end
+    args.cert_days = n
+  end
+  for _, t in ipairs(args.tag or {}) do
+    local k, v = t:match("^([^=]*)=(.*)$")
+    local why = not k and ("--tag " .. t .. ": expected NAME=VALUE") or require("enos.aftercare").tag_problem(k, v)
+    if why then h.say(c, "--tag: %s", why) return EXIT.usage end
+    args.tags = args.tags or {}
+    if args.tags[k] then h.say(c, "--tag: %s is given twice", k) return EXIT.usage end
+    args.tags[k] = v
   end
   if args.plan ~= "-" then return run_plan(c, args, h, args.plan, args.plan) end
   -- The plan on stdin: read whole into a private temporary file (it is read twice: checked, then run).
@@ -279,7 +307,8 @@ function run_plan(c, args, h, plan_path, plan_name)
     concurrency = args.concurrency, qps = args.qps, out = args.out, journal = args.journal,
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
-    read_batch = args.read_batch,
+    read_batch = args.read_batch, tags = args.tags, stamp = args.stamp or nil, subdevices = args.subdevices or nil,
+    check_certificates = args.check_certificates or nil, cert_valid_day = args.cert_days,
     on_resume = function(r)
       if r.reverify then
         h.say(c, "resuming: %d of %d rows are done in the journal; --reverify reads them back first", r.done, r.total)
@@ -310,11 +339,15 @@ function run_plan(c, args, h, plan_path, plan_name)
     .. "(%.1f rows/s)\nresults: %s\n%s", s.total, s.done, s.replaced, s.reconciled, s.skipped, s.failed,
     #kinds > 0 and (" [" .. table.concat(kinds, ", ") .. "]") or "", s.elapsed, s.rate, s.results,
     s.credentials and ("credentials: " .. s.credentials .. "\n") or ""))
+  if s.gateway_files and #s.gateway_files > 0 then
+    c.err(("per-gateway files (0600, one per gateway to configure): %d, e.g. %s\n"):format(#s.gateway_files,
+      s.gateway_files[1]))
+  end
   if args.json then
     c.out(out.json({ ok = s.failed == 0, total = s.total, done = s.done, replaced = s.replaced,
       reconciled = s.reconciled, skipped = s.skipped, failed = s.failed, failed_by_kind = s.failed_by_kind,
       retries = s.retries, elapsed = s.elapsed, rate = s.rate, results = s.results, journal = s.journal,
-      credentials = s.credentials }, true) .. "\n")
+      credentials = s.credentials, gateway_files = s.gateway_files and out.array(s.gateway_files) }, true) .. "\n")
   end
   local code = s.failed == 0 and EXIT.ok or EXIT.refused
   if args.wait_active and (s.done + s.skipped) > 0 then

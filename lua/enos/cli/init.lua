@@ -15,6 +15,7 @@ local workflow = require "enos.workflow"
 local out = require "enos.cli.output"
 local batch_cmd = require "enos.cli.batch"
 local watch_cmd = require "enos.cli.watch"
+local audit_cmd = require "enos.cli.audit"
 
 local M = {}
 
@@ -41,7 +42,8 @@ Exit codes:
    3  configuration: missing or invalid settings, authentication failed, no RSA key pair
    4  refused by the platform or by the preflight (error kind and code shown); nothing changed
    5  network, TLS, timeout, or the platform unavailable after retries (also: OUTCOME UNKNOWN)
-   6  the replace happened but verification or delivery of the secret failed
+   6  the replace happened but verification, delivery of the secret, or a step after it (gateway link,
+      certificate, tags) failed: run the same command again with --finish
    7  done, but the new device did not come online within --wait-active (watch: devices not online
       when --wait ended)]]
 
@@ -110,7 +112,21 @@ local function build_parser(state)
     d:flag("-y --yes", "Do not ask for confirmation."),
     d:flag("--skip-free-check", "Do not search that the new key is free before replacing."),
     d:option("--max-attempts", "Replace attempts in all when the outcome is unknown (default 3)."):argname("<n>"),
-    d:option("--max-retry-after", "The longest Retry-After (s) honoured when throttled (default 300)."):argname("<s>")
+    d:option("--max-retry-after", "The longest Retry-After (s) honoured when throttled (default 300)."):argname("<s>"),
+    d:flag("--finish", "The device was replaced before (it has the new key): do what is left (secret, certificate, " ..
+      "gateway link, tags) without replacing again."),
+    d:flag("--no-gateway-check", "Do not ask for the device's gateway (a sub-device's link is then not checked).")
+  )
+  d:group("Certificates (two-way TLS products)",
+    d:option("--csr", "The new unit's certificate signing request (PEM): after the replace, the old unit's " ..
+      "certificates are revoked and one is issued for it, into --out."):argname("<file>"),
+    d:option("--cert-days", "The new certificate's validity in days (default 730)."):argname("<n>"),
+    d:flag("--no-cert-check", "Do not list the device's certificates (a valid one then does not stop the replace).")
+  )
+  d:group("Trail",
+    d:option("--tag", "Stamp the asset with a tag after the replace (repeatable): NAME=VALUE."):argname("<k=v>")
+      :count("*"),
+    d:flag("--stamp", "Also tag replacedAt (UTC) and replacedFrom (the old key), to find the swap later.")
   )
   d:group("Output",
     d:flag("--json", "Print one JSON document on stdout."),
@@ -142,6 +158,11 @@ Without a private key (V2.4) the new secret is not requested. When it is request
   })
 
   local wcmd = watch_cmd.add_command(p, {
+    help_flag = function(cmd, name) return help_flag(cmd, state, name) end,
+    connection_options = connection_options,
+  })
+
+  local acmd = audit_cmd.add_command(p, {
     help_flag = function(cmd, name) return help_flag(cmd, state, name) end,
     connection_options = connection_options,
   })
@@ -188,8 +209,8 @@ Exits 3 when a required setting (endpoint, access_key, secret_key, org_id) is mi
 ]] .. CONFIG_TEXT)
   local hcmd = p:command("help", "Show the help of enos-replace or of one command (`enos-replace help batch`).")
   help_flag(hcmd, state, "help")
-  hcmd:argument("topic", "A command: device, batch, watch, get, config, completion."):args("?")
-    :choices { "device", "batch", "watch", "get", "config", "completion", "help" }
+  hcmd:argument("topic", "A command: device, batch, watch, audit, get, config, completion."):args("?")
+    :choices { "device", "batch", "watch", "audit", "get", "config", "completion", "help" }
   local comp = p:command("completion", "Print a shell completion script: bash, zsh or fish.")
   help_flag(comp, state, "completion")
   comp:argument("shell", "bash, zsh or fish."):choices { "bash", "zsh", "fish" }
@@ -201,12 +222,12 @@ Examples:
 (`make install` and the rock install them for you.)]])
   -- An option given twice (`--asset-id A --asset-id B`, a shell history edit) is refused, not the last one
   -- silently taken: every option that takes a value is single-valued (argparse: "must be used at most 1 time").
-  for _, cmd in ipairs { p, d, b, wcmd, g, c, hcmd, comp } do
+  for _, cmd in ipairs { p, d, b, wcmd, acmd, g, c, hcmd, comp } do
     for _, opt in ipairs(cmd._options or {}) do
       if (opt._maxargs or 0) > 0 then opt:overwrite(false) end
     end
   end
-  return p, { main = p, device = d, get = g, config = c, batch = b, watch = wcmd, help = hcmd, completion = comp }
+  return p, { main = p, device = d, get = g, config = c, batch = b, watch = wcmd, audit = acmd, help = hcmd, completion = comp }
 end
 
 --- The parser and its commands (for the man page and the completions): parser, {name → command}.
@@ -280,6 +301,8 @@ function M.exit_code(err)
   if err.aborted then return EXIT.aborted end
   if err.wrong_device then return EXIT.network end        -- something changed that was not asked for: look now
   if err.verify_failed or err.deliver_failed or err.secret_missing then return EXIT.verify end
+  -- the steps after a replace (it happened): the gateway link, the certificate swap, the tags
+  if err.step == "link" or err.step == "certificate" or err.step == "tag" then return EXIT.verify end
   if err.field == "out" then return EXIT.usage end
   local k = err.kind
   if k == "config" or k == "auth" or k == "decrypt" then return EXIT.config end
@@ -380,6 +403,31 @@ local function cmd_device(c, args)
   if not number_arg(c, args, "max_retry_after", "--max-retry-after") then return EXIT.usage end
   if args.overwrite and not args.out then say(c, "--overwrite needs --out") return EXIT.usage end
   if args.format and not args.out then say(c, "--format needs --out") return EXIT.usage end
+  if not number_arg(c, args, "cert_days", "--cert-days", true) then return EXIT.usage end
+  local csr
+  if args.csr then
+    local f, ferr = io.open(args.csr, "rb")
+    if not f then say(c, "--csr: cannot read %s (%s)", args.csr, tostring(ferr)) return EXIT.usage end
+    csr = f:read("*a")
+    f:close()
+    local ok, why = require("enos.aftercare").check_csr(csr)
+    if not ok then say(c, "--csr %s: %s", args.csr, why) return EXIT.usage end
+    if not args.out and not args.dry_run then
+      say(c, "--csr needs --out FILE: the new certificate is delivered with the credentials record")
+      return EXIT.usage
+    end
+  elseif args.cert_days then
+    say(c, "--cert-days goes with --csr") return EXIT.usage
+  end
+  local tags
+  for _, t in ipairs(args.tag or {}) do
+    local k, v = t:match("^([^=]*)=(.*)$")
+    local why = not k and "--tag " .. t .. ": expected NAME=VALUE" or require("enos.aftercare").tag_problem(k, v)
+    if why then say(c, "--tag: %s", why) return EXIT.usage end
+    tags = tags or {}
+    if tags[k] then say(c, "--tag: %s is given twice", k) return EXIT.usage end
+    tags[k] = v
+  end
   if not args.yes and not args.dry_run and not c.isatty then
     say(c, "refusing to change a device without confirmation: stdin is not a terminal. " ..
       "Add --yes to confirm in advance (or --dry-run to only look).")
@@ -408,6 +456,8 @@ local function cmd_device(c, args)
     check_free = not args.skip_free_check, dry_run = args.dry_run or nil, out = args.out,
     format = args.format or "json", overwrite = args.overwrite or nil, wait_active = args.wait_active,
     max_attempts = args.max_attempts, clock = c.clock, max_retry_after = args.max_retry_after,
+    csr = csr, cert_valid_day = args.cert_days, check_certificates = not args.no_cert_check,
+    check_gateway = not args.no_gateway_check, tags = tags, stamp = args.stamp or nil, finish = args.finish or nil,
     -- a long wait (a throttled gateway's Retry-After, a backoff) is said, so the command does not look stuck
     sleep = function(s)
       if s >= 5 then say(c, "waiting %d s before trying again (the gateway is throttling or busy)", math.ceil(s)) end
@@ -618,7 +668,7 @@ local function run(c)
     return EXIT.ok
   end
   if not args.command then
-    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, watch, get, config or help); see --help\n")
+    c.err(parser:get_usage() .. "\n\n" .. PROG .. ": a command is required (device, batch, watch, audit, get, config or help); see --help\n")
     return EXIT.usage
   end
   if args.timeout ~= nil then
@@ -632,6 +682,9 @@ local function run(c)
   end
   if args.command == "watch" then
     return watch_cmd.run(c, args, { EXIT = EXIT, say = say, make_client = make_client, report_error = report_error })
+  end
+  if args.command == "audit" then
+    return audit_cmd.run(c, args, { EXIT = EXIT, say = say, make_client = make_client, report_error = report_error })
   end
   return cmd_config(c, args)
 end

@@ -17,7 +17,7 @@ local function block(text)
   return ".nf\n" .. roff(text) .. "\n.fi\n"
 end
 
-M.ORDER = { "device", "batch", "watch", "get", "config", "help", "completion" }
+M.ORDER = { "device", "batch", "watch", "audit", "get", "config", "help", "completion" }
 
 --- The man page (troff, section 1).
 -- @treturn string

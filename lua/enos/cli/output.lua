@@ -104,8 +104,14 @@ function M.report_view(r, show_secret)
   local v = {
     ok = r.ok, outcome = r.outcome, attempts = r.attempts, ms = round_ms(r.ms),
     target = r.target, require_secret = r.require_secret,
-    warnings = M.array(r.warnings), subdevices = r.subdevices,
+    warnings = M.array(r.warnings), subdevices = r.subdevices, gateway = r.gateway, tags = r.tags,
   }
+  if r.certificates then
+    local c = r.certificates
+    v.certificates = { valid_before = c.valid_before, revoked = c.revoked and M.array(c.revoked), issued = c.issued,
+      reused = c.reused }
+  end
+  if r.after then v.after = M.array(r.after) end
   if r.old then v.old = r.old end
   if r.new then
     local n = r.new
@@ -211,6 +217,11 @@ function M.plan_text(plan, endpoint, org)
   if plan.subdevices then
     lines[#lines + 1] = string.format("  sub-devices  %d (checked after the replace)", plan.subdevices)
   end
+  if plan.gateway then
+    lines[#lines + 1] = string.format("  gateway      behind %s (%s/%s)", clean(plan.gateway.assetId),
+      clean(plan.gateway.productKey), clean(plan.gateway.deviceKey))
+  end
+  for _, a in ipairs(plan.after or {}) do lines[#lines + 1] = "  then         " .. clean(a) end
   return table.concat(lines, "\n") .. "\n"
 end
 
@@ -223,6 +234,7 @@ function M.report_text(r, show_secret)
     lines[#lines + 1] = string.format("Dry run: would replace %s (%s) key %s -> %s; the replace was not sent.",
       clean(old.assetId), clean(old.productKey), clean(old.deviceKey), r.target.newDeviceKey)
     if r.reads then lines[#lines + 1] = "Read-only calls made: " .. table.concat(r.reads, ", ") .. "." end
+    for _, a in ipairs(r.after or {}) do lines[#lines + 1] = "Then it would " .. clean(a) .. "." end
     for _, q in ipairs(r.requests or {}) do
       lines[#lines + 1] = ""
       lines[#lines + 1] = "# " .. q.name
@@ -231,7 +243,7 @@ function M.report_text(r, show_secret)
     lines[#lines + 1] = ""
   elseif new then
     local head = r.outcome == "reconciled" and "Replaced (reconciled: a reply was lost; the device was read back)"
-      or "Replaced"
+      or r.outcome == "finished" and "Finished (replaced before; what was left is done)" or "Replaced"
     lines[#lines + 1] = string.format("%s: asset %s (%s)", head, clean(new.assetId), clean(new.productKey))
     add("key", string.format("%s -> %s", tostring(old.deviceKey), tostring(new.deviceKey)))
     add("status", tostring(new.status or "?"))
@@ -252,6 +264,22 @@ function M.report_text(r, show_secret)
     if r.subdevices then
       add("sub-devices", string.format("%d before, %s after, %d re-attached", r.subdevices.before,
         tostring(r.subdevices.after or "?"), r.subdevices.reattached or 0))
+    end
+    if r.gateway then
+      add("gateway", string.format("%s (%s/%s)%s", r.gateway.assetId, tostring(r.gateway.productKey),
+        tostring(r.gateway.deviceKey), r.gateway.relinked and ": the link was dropped and added back" or
+        (r.gateway.link_error and ": LINK NOT RESTORED" or ", link kept")))
+    end
+    if r.certificates and (r.certificates.issued or (r.certificates.revoked and #r.certificates.revoked > 0)) then
+      local c = r.certificates
+      add("certificate", string.format("%s %s; %d old revoked (superseded)%s", c.reused and "kept" or "issued",
+        tostring(c.issued or "none"), #(c.revoked or {}), r.delivered and " ; in " .. r.delivered.path or ""))
+    end
+    if r.tags then
+      local names = {}
+      for k, v in pairs(r.tags) do names[#names + 1] = k .. "=" .. v end
+      table.sort(names)
+      add("tags", table.concat(names, " "))
     end
     if r.wait then
       add("online", r.wait.online and ("yes, after " .. workflow.fmt_ms(r.wait.waited_ms)) or

@@ -60,7 +60,8 @@ local function devices_of(path, by)
     for _, rec in pairs(st.by_key) do
       if rec.state == "done" then
         list[#list + 1] = { assetId = rec.assetId, productKey = rec.productKey, deviceKey = rec.newDeviceKey,
-          since = rec.ts, line = tonumber(rec.line) or 0 }
+          since = rec.ts, line = tonumber(rec.line) or 0,
+          gateway = type(rec.gateway) == "table" and rec.gateway.assetId or nil }
       end
     end
     table.sort(list, function(a, b) return a.line < b.line end)
@@ -81,7 +82,9 @@ local function devices_of(path, by)
         local asset = cells[at.assetId]
         if DONE[cells[at.outcome]] and asset and asset ~= "" and not seen[asset] then
           seen[asset] = true
-          list[#list + 1] = { assetId = asset, label = by and cells[at[by]] or nil }
+          local gw = at.gatewayAssetId and cells[at.gatewayAssetId]
+          list[#list + 1] = { assetId = asset, label = by and cells[at[by]] or nil,
+            gateway = gw ~= "" and gw or nil }
         end
       end
     end
@@ -99,8 +102,11 @@ local function devices_of(path, by)
           label = row.fields[by] or (row.extra and row.extra[by])
           if label ~= nil then has_by = true end
         end
-        if t.assetId then list[#list + 1] = { assetId = t.assetId, orgId = t.orgId, label = label }
-        else list[#list + 1] = { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId, label = label } end
+        local gw = row.extra and row.extra.gatewayAssetId
+        if gw == "" or type(gw) ~= "string" then gw = nil end
+        if t.assetId then list[#list + 1] = { assetId = t.assetId, orgId = t.orgId, label = label, gateway = gw }
+        else list[#list + 1] = { productKey = t.productKey, deviceKey = t.newDeviceKey, orgId = t.orgId, label = label,
+          gateway = gw } end
       end
     elseif e and e.fatal then reader:close() return nil, ("%s:%d: %s"):format(path, e.line, e.message) end
   end
@@ -132,6 +138,11 @@ local function line_of(s)
   for l, c in pairs(s.by_label) do labels[#labels + 1] = ("%s %d/%d"):format(errors.clean(tostring(l)), c.online, c.total) end
   table.sort(labels)
   if #labels > 0 then text = text .. "  [" .. table.concat(labels, ", ") .. "]" end
+  local fix = s.gateways_to_fix or {}
+  if #fix > 0 then
+    text = text .. ("  gateway %s online, %d sub-device(s) offline%s"):format(errors.clean(fix[1].gateway),
+      fix[1].waiting, #fix > 1 and (" (+" .. (#fix - 1) .. " gateway(s))") or "")
+  end
   return text
 end
 
@@ -163,7 +174,8 @@ function M.run(c, args, h)
     if args.json then
       c.out(out.json { poll = s.poll, total = s.total, online = s.online, counts = s.counts, by_label = s.by_label,
         oldest = s.oldest and { device = name_of(s.oldest.device), waiting = s.oldest.waiting } or nil,
-        elapsed = s.elapsed, calls = s.calls, final = s.final or false, outcome = s.outcome } .. "\n")
+        elapsed = s.elapsed, calls = s.calls, final = s.final or false, outcome = s.outcome,
+        gateways_to_fix = #(s.gateways_to_fix or {}) > 0 and s.gateways_to_fix or nil } .. "\n")
     elseif live then
       c.err("\r\27[K" .. line_of(s) .. (s.final and "\n" or ""))
     else
@@ -189,6 +201,11 @@ function M.run(c, args, h)
     end
     h.say(c, "%d of %d device(s) not online after %s: %s%s", r.total - r.online, r.total, fmt_s(r.elapsed),
       table.concat(missing, ", "), r.total - r.online > #missing and ", …" or "")
+    for _, f in ipairs(r.gateways_to_fix or {}) do
+      h.say(c, "gateway %s is online but %d of its replaced sub-device(s) are not: configure their new triples on " ..
+        "it (the batch's per-gateway file CREDS.gateway-%s.csv)", errors.clean(f.gateway), f.waiting,
+        errors.clean(f.gateway))
+    end
   end
   return EXIT.not_online
 end
