@@ -63,6 +63,11 @@ local function fake(opts)
   function actions.replaceDevice(q, body, v21)
     local d = find(q)
     if not d then return NOT_FOUND end
+    if F.drop_link then           -- a platform whose replace drops a sub-device's gateway link
+      for _, subs in pairs(F.subs) do
+        for i = #subs, 1, -1 do if subs[i] == d.assetId then table.remove(subs, i) end end
+      end
+    end
     if d.deviceKey == body.newDeviceKey then return H.envelope(nil, 11704, "DeviceKey is repetitive") end
     if find { productKey = d.productKey, deviceKey = body.newDeviceKey } then
       return H.envelope(nil, 11702, "DeviceKey existed")
@@ -89,9 +94,51 @@ local function fake(opts)
     end
     return H.envelope(nil)
   end
-  function actions.list(q)            -- List Certificate: none (not a two-way TLS product)
+  -- Certificates: F.certs[assetId] = list of {certSN (digits), cert (PEM), certStatus}; serials are written as
+  -- bare JSON numbers (they may pass 2^53, as X.509 serials do)
+  local function raw_serials(reply)
+    reply.body = reply.body:gsub('"certSN":"(%d+)"', '"certSN":%1')
+    return reply
+  end
+  function actions.list(q)
     if not find(q) then return H.envelope(nil, 11404, "device not found") end
-    return H.envelope(F.certs and F.certs[find(q).assetId] or {})
+    local list = F.certs and F.certs[find(q).assetId] or {}
+    return raw_serials(H.envelope(#list > 0 and list or cjson.empty_array or {}))
+  end
+  function actions.revoke(q, body)
+    local d = find(q)
+    if not d then return H.envelope(nil, 11404, "device not found") end
+    F.revoked = F.revoked or {}
+    for _, c in ipairs(F.certs and F.certs[d.assetId] or {}) do
+      if c.certSN == F.raw_sn and c.certStatus == 0 then
+        c.certStatus, c.revokerReason = 1, body.reason
+        F.revoked[#F.revoked + 1] = c.certSN
+        return H.envelope(nil)
+      end
+    end
+    return H.envelope(nil, 99400, "Invalid arguments: certificate is not a valid certificate of this device")
+  end
+  function actions.apply(q, body)
+    local d = find(q)
+    if not d then return H.envelope(nil, 11404, "device not found") end
+    F.cert_seq = (F.cert_seq or 0) + 1
+    local sn = "98765432109876543" .. F.cert_seq         -- (past 2^53: exact only as digits)
+    local cert = F.sign_csr(body.csr, sn)
+    F.certs = F.certs or {}
+    F.certs[d.assetId] = F.certs[d.assetId] or {}
+    table.insert(F.certs[d.assetId], { certSN = sn, cert = cert, certStatus = 0 })
+    return raw_serials(H.envelope { certSN = sn, cert = cert, caCert = F.ca_pem, issueAuthority = body.issueAuthority })
+  end
+  function actions.update(q, body)
+    local d = find(q)
+    if not d then return NOT_FOUND end
+    if type(body.timezone) ~= "string" or type(body.deviceName) ~= "table" then
+      return H.envelope(nil, 99400, "Invalid arguments: timezone and deviceName are required")
+    end
+    F.updates = F.updates or {}
+    F.updates[#F.updates + 1] = body
+    if body.deviceTags then d.deviceTags = body.deviceTags end
+    return H.envelope(nil)
   end
   function actions.addSubDevice(_, body)
     local gw = find(body.gateway)
@@ -102,6 +149,8 @@ local function fake(opts)
   F.stub = H.stub(function(req, stub)
     local qs = req.url:match("%?(.*)$") or ""
     local q = core.parse_query(qs)
+    -- (a revoke's serial is kept as the digits sent: cjson would read a number past 2^53 inexactly)
+    F.raw_sn = req.body and req.body:match('"certSn":(%d+)')
     local body = req.body and cjson.decode(req.body) or {}
     local v21 = req.url:find("/v2.1/devices", 1, true) ~= nil
     F.calls[#F.calls + 1] = q.action
@@ -742,5 +791,215 @@ describe("enos.workflow.replace", function()
     assert.equal("format", err.field)
     assert.has_error(function() workflow.replace(c, "a1") end)
     assert.equal(0, #F.stub.requests)
+  end)
+end)
+
+-- ---------------------------------------------------------------- after the replace
+
+describe("enos.workflow.replace: the steps after the replace", function()
+  local dir, ca
+  local function csr_of(name, kind)
+    local key, csr = dir .. "/" .. name .. ".key", dir .. "/" .. name .. ".csr"
+    local newkey = kind == "ec" and "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1" or "-newkey rsa:2048"
+    H.sh(("openssl req -new %s -nodes -keyout %s -out %s -subj /CN=%s 2>/dev/null"):format(newkey, key, csr, name))
+    return H.readfile(csr), key
+  end
+  setup(function()
+    dir = H.tmpdir()
+    H.sh(("openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s/ca.key -out %s/ca.pem " ..
+      "-days 2 -subj /CN=fake-ca 2>/dev/null"):format(dir, dir))
+    ca = H.readfile(dir .. "/ca.pem")
+  end)
+  local function with_certs(F)
+    F.ca_pem = ca
+    function F.sign_csr(csr, sn)
+      local f = dir .. "/req-" .. sn .. ".csr"
+      H.writefile(f, csr)
+      H.sh(("openssl x509 -req -in %s -CA %s/ca.pem -CAkey %s/ca.key -set_serial %s -days 1 -out %s.crt 2>/dev/null")
+        :format(f, dir, dir, sn, f))
+      return H.readfile(f .. ".crt")
+    end
+    return F
+  end
+  local function order(F, wanted)
+    local out = {}
+    for _, a in ipairs(F.calls) do if wanted[a] then out[#out + 1] = a end end
+    return table.concat(out, " ")
+  end
+
+  it("a sub-device whose link the replace dropped is linked again; the record names its gateway", function()
+    local F = fake()
+    local gw = F.add { deviceKey = "gw_01", productType = "Gateway", productKey = "pk_gateway" }
+    local d = F.add { deviceKey = "sub_old_01", gateway = gw.assetId }
+    F.drop_link = true
+    local c = client_for(F, { api_version = "v2.1" })
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "sub_new_01" }, fast()))
+    assert.is_true(r.ok, tostring(r.error))
+    assert.equal("preflight:ok replace:ok deliver:ok link:ok verify:ok", step_names(r))
+    assert.equal(gw.assetId, r.gateway.assetId)
+    assert.is_true(r.gateway.relinked)
+    assert.same({ d.assetId }, F.subs[gw.assetId])
+    assert.equal("getGateway replaceDevice getGateway addSubDevice getGateway",
+      order(F, { getGateway = true, replaceDevice = true, addSubDevice = true }))
+    local rec = r:record()
+    assert.equal(gw.assetId, rec.gatewayAssetId)
+    assert.equal("gw_01", rec.gatewayDeviceKey)
+    assert.matches("ENOS_GATEWAY_ASSET_ID=" .. gw.assetId, workflow.render_record(rec, "env"), 1, true)
+  end)
+
+  it("a sub-device whose link the replace kept: checked once, not added again", function()
+    local F = fake()
+    local gw = F.add { deviceKey = "gw_02", productType = "Gateway", productKey = "pk_gateway" }
+    local d = F.add { deviceKey = "sub_old_02", gateway = gw.assetId }
+    local c = client_for(F, { api_version = "v2.1" })
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "sub_new_02" }, fast()))
+    assert.is_true(r.ok)
+    assert.is_false(r.gateway.relinked)
+    assert.equal(0, F.count("addSubDevice"))
+    assert.equal(2, F.count("getGateway"))
+  end)
+
+  it("without check_gateway no Get Gateway is sent", function()
+    local F = fake()
+    local d = F.add { deviceKey = "plain_old_03" }
+    local c = client_for(F, { api_version = "v2.1" })
+    assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "plain_new_03" },
+      fast { check_gateway = false, check_certificates = false }))
+    assert.equal(0, F.count("getGateway"))
+    assert.equal(0, F.count("list"))
+  end)
+
+  it("a certificate device: valid certificates and no CSR refuse the replace, nothing sent", function()
+    local F = with_certs(fake())
+    local d = F.add { deviceKey = "crt_old_04" }
+    F.certs = { [d.assetId] = { { certSN = "12345678901234567890", cert = ca, certStatus = 0 } } }
+    local c = client_for(F, { api_version = "v2.1" })
+    local r, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_new_04" }, fast())
+    assert.is_nil(r)
+    assert.equal("csr", err.field)
+    assert.matches("1 valid certificate", err.message, 1, true)
+    assert.equal(0, F.count("replaceDevice"))
+    assert.equal("crt_old_04", F.devices[d.assetId].deviceKey)
+  end)
+
+  it("a certificate swap: the old valid certificate revoked (superseded, exact serial), one issued for the CSR, " ..
+    "delivered with the record", function()
+    local F = with_certs(fake())
+    local d = F.add { deviceKey = "crt_old_05" }
+    F.certs = { [d.assetId] = {
+      { certSN = "12345678901234567890123", cert = ca, certStatus = 0 },
+      { certSN = "555", cert = ca, certStatus = 1 },            -- revoked long ago: left alone
+    } }
+    local csr = csr_of("unit05")
+    local out = dir .. "/crt05.json"
+    local c = client_for(F, { api_version = "v2.1" })
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_new_05" },
+      fast { csr = csr, out = out }))
+    assert.is_true(r.ok, tostring(r.error))
+    assert.equal("preflight:ok replace:ok deliver:ok certificate:ok verify:ok", step_names(r))
+    assert.same({ "12345678901234567890123" }, F.revoked)
+    assert.equal(4, F.certs[d.assetId][1].revokerReason)
+    assert.equal("list replaceDevice list revoke apply", order(F, { list = true, replaceDevice = true, revoke = true,
+      apply = true }))
+    local issued = F.certs[d.assetId][3]
+    assert.equal(issued.certSN, r.certificates.issued)
+    local rec = cjson.decode(H.readfile(out))
+    assert.equal(issued.cert, rec.certificate)
+    assert.equal(issued.certSN, rec.certSn)
+    assert.equal(ca, rec.caCertificate)
+    assert.equal(F.devices[d.assetId].deviceSecret, rec.deviceSecret)
+    assert.equal("600", H.sh("stat -c %a " .. out):match("%d+"))
+  end)
+
+  it("a CSR that is not usable is refused before any request", function()
+    local F = with_certs(fake())
+    local d = F.add { deviceKey = "crt_old_06" }
+    local c = client_for(F, { api_version = "v2.1" })
+    local _, key = csr_of("unit06")
+    local _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_new_06" },
+      fast { csr = H.readfile(key) })
+    assert.equal("csr", err.field)
+    assert.matches("private key", err.message, 1, true)
+    local csr = csr_of("unit06b")
+    local bad = csr:gsub("\n(...)(.)", function(a, b) return "\n" .. a .. (b == "A" and "B" or "A") end, 1)
+    _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_new_06" }, fast { csr = bad })
+    assert.equal("csr", err.field)
+    _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_new_06" },
+      fast { csr = csr, cert_authority = "ECC" })
+    assert.equal("cert_authority", err.field)
+    assert.equal(0, #F.stub.requests)
+  end)
+
+  it("an issue that fails leaves the device replaced and the secret delivered; finish does what is left, once",
+    function()
+    local F = with_certs(fake())
+    local d = F.add { deviceKey = "crt_old_07" }
+    F.certs = { [d.assetId] = { { certSN = "777", cert = ca, certStatus = 0 } } }
+    F.faults.apply = { function() return H.envelope(nil, 99500, "Internal error") end }
+    local csr = csr_of("unit07", "ec")
+    local out = dir .. "/crt07.json"
+    local c = client_for(F, { api_version = "v2.1" })
+    local r = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",
+      newDeviceKey = "crt_new_07" }, fast { csr = csr, out = out }))
+    assert.is_false(r.ok)
+    assert.equal("certificate", r.error.step)
+    assert.same({ "777" }, F.revoked)                       -- the old one is revoked: the old unit is out
+    assert.equal(F.devices[d.assetId].deviceSecret, cjson.decode(H.readfile(out)).deviceSecret)
+    -- the same command again is refused (it was replaced), and says how to finish
+    local _, err = workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",
+      newDeviceKey = "crt_new_07" }, fast { csr = csr, out = out, overwrite = true })
+    assert.matches("finish", err.message, 1, true)
+    -- finish: no second replace, no second revoke, the certificate issued (ECC, from the CSR's key)
+    local replaces = F.count("replaceDevice")
+    local r2 = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",
+      newDeviceKey = "crt_new_07" }, fast { csr = csr, out = out, overwrite = true, finish = true }))
+    assert.is_true(r2.ok, tostring(r2.error))
+    assert.equal("finished", r2.outcome)
+    assert.equal(replaces, F.count("replaceDevice"))
+    assert.same({ "777" }, F.revoked)
+    local applied
+    for _, q in ipairs(F.stub.requests) do if q.url:find("action=apply", 1, true) then applied = q end end
+    assert.equal("ECC", cjson.decode(applied.body).issueAuthority)
+    assert.equal(730, cjson.decode(applied.body).validDay)
+    local rec = cjson.decode(H.readfile(out))
+    assert.equal(F.devices[d.assetId].deviceSecret, rec.deviceSecret)
+    assert.equal(F.certs[d.assetId][2].cert, rec.certificate)
+    -- finish again: the new unit's certificate is recognised by its key and kept: nothing revoked or issued
+    local applies = F.count("apply")
+    local r3 = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",
+      newDeviceKey = "crt_new_07" }, fast { csr = csr, out = out, overwrite = true, finish = true }))
+    assert.is_true(r3.ok, tostring(r3.error))
+    assert.is_true(r3.certificates.reused)
+    assert.equal(applies, F.count("apply"))
+    assert.same({ "777" }, F.revoked)
+  end)
+
+  it("tags: merged into the asset's own, with replacedAt and replacedFrom; timezone and name sent back", function()
+    local F = fake()
+    local d = F.add { deviceKey = "tag_old_08" }
+    F.devices[d.assetId].deviceTags = { owner = "ops" }
+    F.devices[d.assetId].timezone = "+01:00"
+    local c = client_for(F, { api_version = "v2.1" })
+    local r = assert(workflow.replace(c, { assetId = d.assetId, newDeviceKey = "tag_new_08" },
+      fast { tags = { site = "North", ticket = "CHG-42" }, stamp = true }))
+    assert.is_true(r.ok, tostring(r.error))
+    assert.equal("preflight:ok replace:ok deliver:ok tag:ok verify:ok", step_names(r))
+    local u = F.updates[1]
+    assert.equal("+01:00", u.timezone)
+    assert.equal("dev " .. d.assetId:match("%d+"), u.deviceName.defaultValue)
+    assert.equal("ops", u.deviceTags.owner)
+    assert.equal("North", u.deviceTags.site)
+    assert.equal("CHG-42", u.deviceTags.ticket)
+    assert.equal("tag_old_08", u.deviceTags.replacedFrom)
+    assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", u.deviceTags.replacedAt)
+    -- bad tags are refused before anything is sent
+    local n = #F.stub.requests
+    local _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "tag_new_08b" },
+      fast { tags = { ["bad name"] = "x" } })
+    assert.equal("tags", err.field)
+    _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "tag_new_08b" },
+      fast { tags = { note = "it's" } })
+    assert.equal("tags", err.field)
+    assert.equal(n, #F.stub.requests)
   end)
 end)

@@ -590,6 +590,16 @@ local function preflight(ctx, client, target, known)
     if err.kind == "not_found" or (err.kind == "invalid_argument" and err.code == 99400) then
       err.message = "device not found (" .. describe_target(target) .. "): " .. tostring(err.message)
       err.refused = true
+      if not target.assetId and not known then
+        -- replaced before? (the same command run again): then the new key names it
+        local again = client:get_device { productKey = target.productKey, deviceKey = target.newDeviceKey,
+          orgId = target.orgId }
+        if again and again.assetId then
+          err.message = err.message .. "; but asset " .. tostring(again.assetId) .. " has the new key " ..
+            target.newDeviceKey .. " already (replaced before?): to finish what is left of that replace (secret, " ..
+            "certificate, gateway link, tags), run it again with --finish (finish = true)"
+        end
+      end
     end
     ctx:finish(s, "failed", tostring(err))
     return nil, err
