@@ -54,7 +54,7 @@ describe("after the replace (simulator, CLI)", function()
   local function ops_since(n)
     local count = {}
     local log = h:log()
-    for k = n + 1, #log do count[log[k].op] = (count[log[k].op] or 0) + 1 end
+    for k = n + 1, #log do local op = log[k].op or "?" count[op] = (count[op] or 0) + 1 end
     return count
   end
   local function csv_rows(path)
@@ -109,6 +109,160 @@ describe("after the replace (simulator, CLI)", function()
       -- the journal names each sub-device's gateway
       local j = H.readfile(p .. ".journal")
       assert.matches('"gateway":{[^}]*"assetId":"GW000001"', j)
+    end)
+
+    it("watch tells a gateway online with its sub-devices offline apart, and names it", function()
+      -- (the rows of the test above: GW-1 logs in, its two replaced sub-devices do not; S-NEW-005 and S-NEW-010 do)
+      local p = dir .. "/subs.csv"
+      assert.equal(200, (h:login("pk_gateway", "GW-1", h:device("GW000001").deviceSecret)))
+      for _, a in ipairs { "S0000005", "S0000010" } do
+        local d = h:device(a)
+        assert.equal(200, (h:login("pk_demo", d.deviceKey, d.deviceSecret)))
+      end
+      local before = #h:log()
+      local code, out, err = run { "watch", p .. ".journal", "--wait", "0", "--json" }
+      assert.equal(7, code, err)
+      local last
+      for line in out:gmatch("[^\n]+") do last = cjson.decode(line) end
+      assert.is_true(last.final)
+      assert.equal(2, last.online)
+      assert.equal(1, #last.gateways_to_fix)
+      assert.equal("GW000001", last.gateways_to_fix[1].gateway)
+      assert.equal(2, last.gateways_to_fix[1].waiting)
+      -- the gateways were read in the same search as the devices
+      assert.equal(1, ops_since(before).search)
+      code, _, err = run { "watch", p .. ".journal", "--wait", "0" }
+      assert.equal(7, code)
+      assert.matches("gateway GW000001 is online but 2 of its replaced sub%-device%(s%) are not", err)
+      assert.matches("gateway%-GW000001%.csv", err)
+    end)
+  end)
+
+  describe("the watch when polls fail", function()
+    it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
+      local enos = require "enos"
+      local fleet = require "enos.fleet"
+      for _, a in ipairs { "S0000030", "S0000031" } do
+        local d = h:device(a)
+        assert.equal(200, (h:login("pk_demo", d.deviceKey, d.deviceSecret)))
+      end
+      local c = assert(enos.client { endpoint = h.url, access_key = AK, secret_key = SK, org_id = ORG })
+      assert(c:authenticate())
+      -- every attempt of the first poll's search fails (the bulk read tries 4 times)
+      h:admin("POST", "/faults", { match = "search", error_share = 1, error_status = 503, count = 4 })
+      local polls = {}
+      local t = 0
+      local r = assert(fleet.watch(c, { { assetId = "S0000030" }, { assetId = "S0000031" } }, { interval = 1,
+        timeout = 60, sleep = function(s) t = t + s * 1000 end, clock = function() return t end,
+        on_poll = function(s) polls[#polls + 1] = s end }))
+      h:admin("DELETE", "/faults")
+      assert.equal("online", r.outcome)
+      assert.equal(2, #polls)
+      assert.equal(2, polls[1].counts.unknown)
+      assert.equal(0, polls[1].online)
+      assert.equal(2, polls[2].online)
+      -- a refused key: one error, exit 3, no poll loop
+      local code, _, err = cli.main { argv = { "watch", dir .. "/subs.csv.journal", "--wait", "60" },
+        env = env { ENOS_SECRET_KEY = "not-the-secret-key" }, stdout = function() end,
+        stderr = function(s) polls.err = (polls.err or "") .. s end, isatty = false, sleep = function() end }
+      assert.equal(3, code, err)
+      assert.not_matches("not%-the%-secret%-key", polls.err)
+    end)
+  end)
+
+  describe("the trail", function()
+    it("batch --stamp --tag tags each asset; audit after a partial rollout lists the units never online since",
+      function()
+      local rows = {}
+      for i = 11, 16 do rows[#rows + 1] = { "pk_demo", ("S-OLD-%03d"):format(i), ("T-NEW-%03d"):format(i), "east" } end
+      local p = plan("trail.csv", rows)
+      local creds = dir .. "/trail-creds.csv"
+      local before = #h:log()
+      local code, _, err = run { "batch", p, "--out", creds, "--stamp", "--tag", "ticket=CHG-42", "--yes" }
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.equal(6, ops.replaceDevice)
+      assert.equal(6, ops.update)                   -- one Update Device a row, on top of the replace
+      local d = h:device("S0000011")
+      assert.equal("CHG-42", d.deviceTags.ticket)
+      assert.equal("S-OLD-011", d.deviceTags.replacedFrom)
+      assert.matches("^%d%d%d%d%-%d%d%-%d%dT%d%d:%d%d:%d%dZ$", d.deviceTags.replacedAt)
+      -- half the new units are installed: they log in
+      for i = 11, 13 do
+        local x = h:device(("S%07d"):format(i))
+        assert.equal(200, (h:login("pk_demo", x.deviceKey, x.deviceSecret)))
+      end
+      local out
+      code, out, err = run { "audit", p .. ".journal" }
+      assert.equal(7, code, err)
+      for i = 14, 16 do assert.matches(("S%07d"):format(i), out, 1, true) end
+      for i = 11, 13 do assert.not_matches(("S%07d"):format(i), out, 1, true) end
+      assert.matches("3 device%(s%) replaced and not online since", err)
+      -- from the platform alone: the stamped, inactive devices (the same three)
+      code, out = run { "audit", "--platform", "--json" }
+      assert.equal(7, code)
+      local seen = {}
+      for line in out:gmatch("[^\n]+") do
+        local r = cjson.decode(line)
+        seen[r.assetId] = r
+      end
+      for i = 14, 16 do
+        local r = seen[("S%07d"):format(i)]
+        assert.is_table(r)
+        assert.equal("platform", r.source)
+        assert.is_number(r.age)
+      end
+      assert.is_nil(seen.S0000011)
+      -- old enough only: none of these is a day old
+      code, out = run { "audit", p .. ".journal", "--min-age", "86400" }
+      assert.equal(0, code)
+      assert.equal("", out)
+      -- usage errors, before any request
+      before = #h:log()
+      assert.equal(2, (run { "audit" }))
+      assert.equal(2, (run { "audit", p }))           -- a plan is not a journal
+      assert.equal(2, (run { "audit", p .. ".journal", "--min-age", "-1" }))
+      assert.equal(2, (run { "batch", p, "--tag", "bad name=x", "--out", dir .. "/x.csv", "--yes" }))
+      assert.equal(2, (run { "batch", p, "--tag", "novalue", "--out", dir .. "/x.csv", "--yes" }))
+      assert.equal(before, #h:log())
+    end)
+
+    it("a tag step that fails leaves the rows replaced (secrets delivered), and --resume finishes them once",
+      function()
+      local rows = {}
+      for i = 17, 20 do rows[#rows + 1] = { "pk_demo", ("S-OLD-%03d"):format(i), ("U-NEW-%03d"):format(i), "west" } end
+      local p = plan("tagfail.csv", rows)
+      local creds = dir .. "/tagfail-creds.csv"
+      h:admin("POST", "/faults", { match = "update", error_share = 1, error_status = 500, count = 100 })
+      local before = #h:log()
+      local code, _, err = run { "batch", p, "--out", creds, "--stamp", "--yes" }
+      h:admin("DELETE", "/faults")
+      assert.equal(4, code, err)
+      assert.equal(4, ops_since(before).replaceDevice)
+      local results = csv_rows(p .. ".results.csv")
+      for _, r in ipairs(results) do
+        assert.equal("failed", r.outcome)
+        assert.matches("replaced, but the tag step failed", r.message, 1, true)
+      end
+      -- the secrets are in hand already
+      local creds_rows = csv_rows(creds)
+      assert.equal(4, #creds_rows)
+      for _, r in ipairs(creds_rows) do assert.equal(h:device(r.assetId).deviceSecret, r.deviceSecret) end
+      assert.matches('"state":"replaced"', H.readfile(p .. ".journal"))
+      before = #h:log()
+      code, _, err = run { "batch", p, "--out", creds, "--stamp", "--resume", "--yes" }
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.is_nil(ops.replaceDevice)               -- never a second replace
+      assert.equal(4, ops.update)
+      for i = 17, 20 do
+        local d = h:device(("S%07d"):format(i))
+        assert.equal(("S-OLD-%03d"):format(i), d.deviceTags.replacedFrom)
+        assert.equal(("U-NEW-%03d"):format(i), d.deviceKey)
+      end
+      assert.equal(4, #csv_rows(creds))             -- each device once in the credentials file
+      code = run { "batch", p, "--out", creds, "--stamp", "--resume", "--yes" }
+      assert.equal(0, code)
     end)
   end)
 end)
