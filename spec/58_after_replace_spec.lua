@@ -138,6 +138,38 @@ describe("after the replace (simulator, CLI)", function()
     end)
   end)
 
+  describe("device: bad input for the steps after the replace, refused before any request", function()
+    it("--csr that is missing, a private key, or without --out; --cert-days alone; bad --tag", function()
+      H.sh(("openssl req -new -newkey rsa:2048 -nodes -keyout %s/u.key -out %s/u.csr -subj /CN=u 2>/dev/null")
+        :format(dir, dir))
+      local base = { "device", "--asset-id", "S0000035", "--new-key", "S-NEW-035", "--yes" }
+      local function with(extra)
+        local argv = {}
+        for _, a in ipairs(base) do argv[#argv + 1] = a end
+        for _, a in ipairs(extra) do argv[#argv + 1] = a end
+        return argv
+      end
+      local before = #h:log()
+      local cases = {
+        { { "--csr", dir .. "/nope.csr", "--out", dir .. "/o1.json" }, "cannot read" },
+        { { "--csr", dir .. "/u.key", "--out", dir .. "/o2.json" }, "private key" },
+        { { "--csr", dir .. "/u.csr" }, "--csr needs --out" },
+        { { "--cert-days", "30", "--out", dir .. "/o3.json" }, "--cert-days goes with --csr" },
+        { { "--csr", dir .. "/u.csr", "--cert-days", "0", "--out", dir .. "/o4.json" }, "--cert-days must be" },
+        { { "--tag", "a=1", "--tag", "a=2", "--out", dir .. "/o5.json" }, "given twice" },
+        { { "--tag", "x y=1", "--out", dir .. "/o6.json" }, "tag name" },
+      }
+      for _, case in ipairs(cases) do
+        local code, _, err = run(with(case[1]))
+        assert.equal(2, code, err)
+        assert.matches(case[2], err, 1, true)
+        assert.not_matches("BEGIN", err)
+      end
+      assert.equal(before, #h:log())
+      assert.equal("S-OLD-035", h:device("S0000035").deviceKey)
+    end)
+  end)
+
   describe("the watch when polls fail", function()
     it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
       local enos = require "enos"

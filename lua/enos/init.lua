@@ -128,7 +128,7 @@ function enos.get_device(opts) return one_shot("get_device", opts) end
 
 -- Higher layers load on first use, so `require "enos"` stays light.
 local LAZY = { workflow = "enos.workflow", batch = "enos.batch", scheduler = "enos.scheduler", plan = "enos.plan",
-  fleet = "enos.fleet" }
+  fleet = "enos.fleet", aftercare = "enos.aftercare" }
 setmetatable(enos, { __index = function(t, k)
   local name = LAZY[k]
   if not name then return nil end
