@@ -258,6 +258,43 @@ local function do_replace(version, app, org, args, body)
     deviceSecret = v.deviceSecret, sessionKey = v.sessionKey })
 end
 
+-- Update Device (patch): timezone and deviceName are mandatory (the real platform's rule); deviceTags, when
+-- given, replaces the whole tag map (a client reads and merges); values must be strings.
+local function do_update(_, _, org, args, body)
+  if type(body.timezone) ~= "string" or body.timezone == "" then return fail(bad("timezone is required")) end
+  local name = body.deviceName
+  if type(name) ~= "table" or type(name.defaultValue) ~= "string" then
+    return fail(bad("deviceName {defaultValue, i18nValue} is required"))
+  end
+  if body.deviceTags ~= nil then
+    if type(body.deviceTags) ~= "table" or body.deviceTags[1] ~= nil then return fail(bad("deviceTags must be a map")) end
+    for k, v in pairs(body.deviceTags) do
+      if type(k) ~= "string" or type(v) ~= "string" then return fail(bad("deviceTags values must be strings")) end
+    end
+  end
+  if body.deviceAttributes ~= nil and type(body.deviceAttributes) ~= "table" then
+    return fail(bad("deviceAttributes must be a map"))
+  end
+  if body.deviceDesc ~= nil and type(body.deviceDesc) ~= "string" then return fail(bad("deviceDesc must be a string")) end
+  local dev, err = lookup(org, args)
+  if not dev then return fail(err) end
+  local aid = dev.assetId
+  dev, err = store.locked(function()
+    local d = store.get(aid)
+    if not d then return nil, { code = 99400, msg = NOT_FOUND } end
+    d.timezone = body.timezone
+    d.deviceName = { defaultValue = name.defaultValue, i18nValue = type(name.i18nValue) == "table" and
+      name.i18nValue or {} }
+    if body.deviceTags ~= nil then d.deviceTags = body.deviceTags end
+    if body.deviceAttributes ~= nil then d.deviceAttributes = body.deviceAttributes end
+    if body.deviceDesc ~= nil then d.deviceDesc = body.deviceDesc end
+    store.put(d)
+    return d
+  end)
+  if not dev then return fail(err) end
+  return util.ok(nil)
+end
+
 -- topology ---------------------------------------------------------------------------
 
 local function do_add_sub(_, _, org, body)
@@ -334,6 +371,7 @@ local DEVICE_ACTIONS = {
   create = { "POST", function(v, app, org, _, body) return do_create(v, app, org, body) end },
   search = { "POST", function(v, app, org, _, body) return do_search(v, app, org, body) end },
   replaceDevice = { "POST", do_replace },
+  update = { "POST", do_update },
 }
 local TOPO_ACTIONS = {
   addSubDevice = { "POST", function(v, app, org, _, body) return do_add_sub(v, app, org, body) end },
