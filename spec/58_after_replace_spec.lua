@@ -111,6 +111,45 @@ describe("after the replace (simulator, CLI)", function()
       assert.matches('"gateway":{[^}]*"assetId":"GW000001"', j)
     end)
 
+    it("device: a replace that drops the link is repaired, and the new triple logs in behind the same gateway",
+      function()
+      h:admin("POST", "/faults", { replace_detaches_subdevice = true })
+      local old = h:device("S0000003")
+      local out = dir .. "/s3.json"
+      local before = #h:log()
+      local code, stdout, err = run { "device", "--asset-id", "S0000003", "--new-key", "S-NEW-003", "--out", out,
+        "--yes", "--json" }
+      h:admin("DELETE", "/faults")
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.equal(1, ops.addSubDevice)
+      local report = cjson.decode(stdout)
+      assert.equal("GW000001", report.gateway.assetId)
+      assert.is_true(report.gateway.relinked)
+      assert.matches("dropped the link to gateway GW000001", table.concat(report.warnings, " "))
+      assert.equal("GW000001", h:device("S0000003").gateway)
+      local rec = cjson.decode(H.readfile(out))
+      assert.equal("GW000001", rec.gatewayAssetId)
+      assert.equal("GW-1", rec.gatewayDeviceKey)
+      -- behind the same gateway: the gateway online, the new triple logs in through it; the old one does not
+      assert.equal(200, (h:login("pk_gateway", "GW-1", h:device("GW000001").deviceSecret)))
+      local st, body = h:login_via("pk_gateway", "GW-1", "pk_demo", "S-OLD-003", old.deviceSecret)
+      assert.equal(401, st, body and body.msg)
+      st, body = h:login_via("pk_gateway", "GW-1", "pk_demo", "S-NEW-003", rec.deviceSecret)
+      assert.equal(200, st, body and body.msg)
+      assert.equal("GW000001", body.data.gateway)
+      assert.equal("online", h:device("S0000003").status)
+      -- not through another gateway, nor through one that is offline
+      local gw2 = h:device("GW000002")
+      st, body = h:login_via("pk_gateway", "GW-2", "pk_demo", "S-NEW-003", rec.deviceSecret)
+      assert.equal(401, st)
+      assert.matches("not online", body.msg)
+      assert.equal(200, (h:login("pk_gateway", "GW-2", gw2.deviceSecret)))
+      st, body = h:login_via("pk_gateway", "GW-2", "pk_demo", "S-NEW-003", rec.deviceSecret)
+      assert.equal(401, st)
+      assert.matches("not a sub%-device of gateway pk_gateway/GW%-2", body.msg)
+    end)
+
     it("watch tells a gateway online with its sub-devices offline apart, and names it", function()
       -- (the rows of the test above: GW-1 logs in, its two replaced sub-devices do not; S-NEW-005 and S-NEW-010 do)
       local p = dir .. "/subs.csv"
@@ -131,10 +170,10 @@ describe("after the replace (simulator, CLI)", function()
       assert.equal(2, last.gateways_to_fix[1].waiting)
       -- the gateways were read in the same search as the devices
       assert.equal(1, ops_since(before).search)
-      code, _, err = run { "watch", p .. ".journal", "--wait", "0" }
-      assert.equal(7, code)
-      assert.matches("gateway GW000001 is online but 2 of its replaced sub%-device%(s%) are not", err)
-      assert.matches("gateway%-GW000001%.csv", err)
+      local code2, _, err2 = run { "watch", p .. ".journal", "--wait", "0" }
+      assert.equal(7, code2)
+      assert.matches("gateway GW000001 is online but 2 of its replaced sub%-device%(s%) are not", err2)
+      assert.matches("gateway%-GW000001%.csv", err2)
     end)
   end)
 

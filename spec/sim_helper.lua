@@ -223,6 +223,18 @@ function Handle:login(pk, dk, secret, opts)
   return st, st and decode(raw), raw
 end
 
+--- POST /device/login of a sub-device through its gateway's connection (the body names the gateway).
+function Handle:login_via(gw_pk, gw_dk, pk, dk, secret)
+  local cid, ts = "client-" .. dk, M.now_ms()
+  local sign = M.sha256_hex("clientId" .. cid .. "deviceKey" .. dk .. "productKey" .. pk .. "timestamp" .. ts ..
+    secret):upper()
+  local st, raw = M.http { method = "POST", url = self.url .. "/device/login", ca_file = self.ca_file,
+    headers = { ["Content-Type"] = "application/json" },
+    body = cjson.encode { productKey = pk, deviceKey = dk, clientId = cid, timestamp = ts, sign = sign,
+      gateway = { productKey = gw_pk, deviceKey = gw_dk } } }
+  return st, st and decode(raw), raw
+end
+
 --- Stop nginx (idempotent) and remove the prefix dir unless opts.keep_prefix was given at start.
 function Handle:stop()
   if self.stopped then return true end

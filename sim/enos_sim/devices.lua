@@ -250,6 +250,12 @@ local function do_replace(version, app, org, args, body)
     d._changed = now
     store.put(d)
     ngx.shared.enos_misc:delete("blk:" .. d.productKey .. "/" .. new_key)
+    -- whether a replace keeps a sub-device's gateway link is undocumented: a knob plays the other answer
+    local f = faults.current() or {}
+    if f.replace_detaches_subdevice or conf.cfg.replace_detaches_subdevice then
+      local gw = store.gateway_of(d.assetId)
+      if gw then store.detach(gw, d.assetId) end
+    end
     return d
   end)
   if not dev then return fail(err) end
@@ -451,6 +457,25 @@ function M.login()
     "timestamp" .. ts .. dev.deviceSecret):upper()
   if sign ~= expect then return util.send(401, refused) end
   if dev.status == "disable" then return util.send(401, { code = 403, msg = "login refused: device disabled" }) end
+  -- a sub-device logging in through its gateway's connection (combine.login): the gateway must be online and
+  -- the device one of its sub-devices
+  local via = b.gateway
+  local gid
+  if via ~= nil then
+    if type(via) ~= "table" or type(via.productKey) ~= "string" or type(via.deviceKey) ~= "string" then
+      return util.send(400, { code = 400, msg = "gateway must be {productKey, deviceKey}" })
+    end
+    local gname = via.productKey .. "/" .. via.deviceKey
+    gid = store.find_key(via.productKey, via.deviceKey)
+    local g = gid and store.get(gid)
+    if not g or g.status ~= "online" then
+      return util.send(401, { code = 401, msg = "login refused: gateway " .. gname .. " is not online" })
+    end
+    if store.gateway_of(aid) ~= gid then
+      return util.send(401, { code = 401, msg = "login refused: device " .. who .. " is not a sub-device of gateway " ..
+        gname })
+    end
+  end
   dev = store.locked(function()
     local d = store.get(aid)
     if not d or d.deviceKey ~= dk then return nil end
@@ -462,7 +487,7 @@ function M.login()
     return d
   end)
   if not dev then return util.send(401, refused) end
-  return util.send(200, { code = 0, msg = "OK", data = { status = "online", assetId = dev.assetId } })
+  return util.send(200, { code = 0, msg = "OK", data = { status = "online", assetId = dev.assetId, gateway = gid } })
 end
 
 return M

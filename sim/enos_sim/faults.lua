@@ -6,6 +6,7 @@
 --   match = "replaceDevice" | {"get","search"} | "token.get" | "login" …, count = n (only the next n matching requests)
 --   search_max_expression = n (Search Device refuses a longer expression with 99400),
 --   search_lag_ms = n (Search Device omits devices replaced in the last n ms: an index that lags writes)
+--   replace_detaches_subdevice = true (a replace drops a sub-device's gateway link: the platform's behaviour is undocumented)
 local util = require "enos_sim.util"
 local conf = require "enos_sim.conf"
 
@@ -54,6 +55,9 @@ function M.set(f)
       if type(v) == "string" then stored.match = { v }
       elseif type(v) == "table" then stored.match = v
       else return nil, "match must be a string or a list" end
+    elseif k == "replace_detaches_subdevice" then
+      if type(v) ~= "boolean" then return nil, k .. " must be a boolean" end
+      stored[k] = v or nil
     elseif k == "expire_token_now" then
       stored[k] = nil  -- a one-shot action, done by the admin handler
     else
