@@ -47,6 +47,7 @@ build = {
     -- the simulator's server code (what nginx runs), found by enos-sim where Lua finds these modules
     ["enos_sim.admin"] = "sim/enos_sim/admin.lua",
     ["enos_sim.auth"] = "sim/enos_sim/auth.lua",
+    ["enos_sim.certs"] = "sim/enos_sim/certs.lua",
     ["enos_sim.conf"] = "sim/enos_sim/conf.lua",
     ["enos_sim.default_config"] = "sim/enos_sim/default_config.lua",
     ["enos_sim.devices"] = "sim/enos_sim/devices.lua",

@@ -209,6 +209,95 @@ describe("after the replace (simulator, CLI)", function()
     end)
   end)
 
+  describe("certificate devices", function()
+    local function keypair_csr(name, ec)
+      local key, csr = dir .. "/" .. name .. ".key", dir .. "/" .. name .. ".csr"
+      local newkey = ec and "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1" or "-newkey rsa:2048"
+      H.sh(("openssl req -new %s -nodes -keyout %s -out %s -subj /CN=%s 2>/dev/null"):format(newkey, key, csr, name))
+      return csr, key
+    end
+    local function write_pem(name, pem)
+      local f = dir .. "/" .. name .. ".pem"
+      H.writefile(f, pem)
+      return f
+    end
+    local function apply(asset, csr)
+      local st, body, raw = h:call("POST", "/connect-service/v2.0/certificates",
+        { action = "apply", orgId = ORG, assetId = asset }, { csr = H.readfile(csr), issueAuthority = "ECC" },
+        { app = { access_key = AK, secret_key = SK } })
+      assert.equal(200, st)
+      assert.equal(0, body.code, body.msg)
+      -- (the serial as the platform wrote it: a bare number past 2^53, read as digits)
+      body.data.certSN = raw:match('"certSN":(%d+)')
+      return body.data
+    end
+
+    it("a certificate swap from the CLI: the old unit's certificate refused, the new one logging in", function()
+      -- the old unit: a certificate issued for its key, which logs in over mutual TLS
+      local old_csr, old_key = keypair_csr("old40", true)
+      local issued = apply("S0000040", old_csr)
+      local old_cert = write_pem("old40", issued.cert)
+      local old = h:device("S0000040")
+      local st, body = h:cert_login("pk_demo", old.deviceKey, old.deviceSecret, old_cert, old_key)
+      assert.equal(200, st, body and body.msg)
+      -- without --csr the replace is refused: nothing changes
+      local before = #h:log()
+      local code, _, err = run { "device", "--asset-id", "S0000040", "--new-key", "S-NEW-040", "--out",
+        dir .. "/s40-refused.json", "--yes" }
+      assert.equal(4, code, err)
+      assert.matches("valid certificate", err)
+      assert.is_nil(ops_since(before).replaceDevice)
+      -- with the new unit's CSR: replaced, the old certificate revoked, the new one in the record
+      local new_csr, new_key = keypair_csr("new40", false)
+      local out = dir .. "/s40.json"
+      before = #h:log()
+      code, _, err = run { "device", "--asset-id", "S0000040", "--new-key", "S-NEW-040", "--csr", new_csr,
+        "--out", out, "--yes" }
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.equal(1, ops.replaceDevice)
+      assert.equal(1, ops["cert.revoke"])
+      assert.equal(1, ops["cert.apply"])
+      local rec = cjson.decode(H.readfile(out))
+      assert.equal("600", H.sh("stat -c %a " .. out):match("%d+"))
+      assert.matches("BEGIN CERTIFICATE", rec.certificate)
+      assert.matches("^%d+$", rec.certSn)
+      local by_sn = {}
+      for _, c in ipairs(select(2, h:admin("GET", "/certificates?assetId=S0000040")).data) do by_sn[c.sn] = c end
+      assert.is_true(#issued.certSN > 16)              -- past 2^53: kept exact from the list to the revoke
+      assert.equal(1, by_sn[issued.certSN].certStatus)
+      assert.equal(4, by_sn[issued.certSN].revokerReason)
+      assert.equal(0, by_sn[rec.certSn].certStatus)
+      -- the old unit, even with the new triple, is refused: its certificate is revoked
+      local new_cert = write_pem("new40", rec.certificate)
+      st, body = h:cert_login("pk_demo", "S-NEW-040", rec.deviceSecret, old_cert, old_key)
+      assert.equal(401, st)
+      assert.matches("certificate revoked", body.msg)
+      -- the new unit logs in with its certificate and its new triple
+      st, body = h:cert_login("pk_demo", "S-NEW-040", rec.deviceSecret, new_cert, new_key)
+      assert.equal(200, st, body and body.msg)
+      assert.equal("online", h:device("S0000040").status)
+      -- without a client certificate, or with another device's, refused
+      st, body = h:cert_login("pk_demo", "S-NEW-040", rec.deviceSecret)
+      assert.equal(401, st)
+      assert.matches("client certificate required", body.msg)
+      local other = h:device("S0000039")
+      st, body = h:cert_login("pk_demo", other.deviceKey, other.deviceSecret, new_cert, new_key)
+      assert.equal(401, st)
+      assert.matches("bound to another device", body.msg)
+      -- run again with --finish: nothing revoked, nothing issued, no second replace
+      before = #h:log()
+      code, _, err = run { "device", "--asset-id", "S0000040", "--new-key", "S-NEW-040", "--csr", new_csr,
+        "--out", out, "--overwrite", "--finish", "--yes" }
+      assert.equal(0, code, err)
+      ops = ops_since(before)
+      assert.is_nil(ops.replaceDevice)
+      assert.is_nil(ops["cert.revoke"])
+      assert.is_nil(ops["cert.apply"])
+      assert.equal(rec.certSn, cjson.decode(H.readfile(out)).certSn)
+    end)
+  end)
+
   describe("the watch when polls fail", function()
     it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
       local enos = require "enos"

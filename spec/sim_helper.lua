@@ -86,6 +86,7 @@ function M.http(req)
   local cmd = { "curl -sS --http1.1 -o", q(bodyf), "-D", q(hdrf), "-w ' __code=%{http_code}'", "-X", req.method or "GET",
     "--max-time", tostring(req.timeout or 15) }
   if req.ca_file then cmd[#cmd + 1] = "--cacert " .. q(req.ca_file) end
+  if req.cert_file then cmd[#cmd + 1] = "--cert " .. q(req.cert_file) .. " --key " .. q(req.key_file) end
   for k, v in pairs(req.headers or {}) do cmd[#cmd + 1] = "-H " .. q(k .. ": " .. v) end
   local inf
   if req.body then
@@ -232,6 +233,18 @@ function Handle:login_via(gw_pk, gw_dk, pk, dk, secret)
     headers = { ["Content-Type"] = "application/json" },
     body = cjson.encode { productKey = pk, deviceKey = dk, clientId = cid, timestamp = ts, sign = sign,
       gateway = { productKey = gw_pk, deviceKey = gw_dk } } }
+  return st, st and decode(raw), raw
+end
+
+--- POST /device/login on the mutual-TLS listener, with a client certificate (cert_file and key_file, PEM; nil:
+-- none) and the triple's sign.
+function Handle:cert_login(pk, dk, secret, cert_file, key_file)
+  local cid, ts = "client-" .. dk, M.now_ms()
+  local sign = M.sha256_hex("clientId" .. cid .. "deviceKey" .. dk .. "productKey" .. pk .. "timestamp" .. ts ..
+    secret):upper()
+  local st, raw = M.http { method = "POST", url = self.mtls_url .. "/device/login", ca_file = self.mtls_ca,
+    cert_file = cert_file, key_file = key_file, headers = { ["Content-Type"] = "application/json" },
+    body = cjson.encode { productKey = pk, deviceKey = dk, clientId = cid, timestamp = ts, sign = sign } }
   return st, st and decode(raw), raw
 end
 

@@ -126,6 +126,11 @@ function M.handle()
   elseif path == "faults" and method == "DELETE" then
     faults.clear()
     return ok(nil)
+  elseif path == "certificates" and method == "GET" then
+    local args = ngx.req.get_uri_args()
+    local recs = require("enos_sim.certs").records(args.assetId)
+    for _, r in ipairs(recs) do r.key = nil end
+    return ok(util.list(recs))
   elseif path == "tokens/expire" and method == "POST" then
     return ok({ expired_tokens = auth.expire_all() })
   end

@@ -415,7 +415,7 @@ end
 
 -- device login ----------------------------------------------------------------------
 
-function M.login()
+function M.login(cert)
   if ngx.req.get_method() ~= "POST" then return util.gateway(405, "method not allowed") end
   local b = util.body_json()
   local lc = conf.cfg.login
@@ -453,6 +453,9 @@ function M.login()
   local aid = store.find_key(tostring(pk), tostring(dk))
   local dev = aid and store.get(aid)
   if not dev then return util.send(401, refused) end
+  if cert and cert.cert_asset ~= aid then
+    return util.send(401, { code = 401, msg = "login refused: the certificate is bound to another device" })
+  end
   local expect = util.sha256_hex("clientId" .. cid .. "deviceKey" .. dk .. "productKey" .. pk ..
     "timestamp" .. ts .. dev.deviceSecret):upper()
   if sign ~= expect then return util.send(401, refused) end
@@ -487,7 +490,9 @@ function M.login()
     return d
   end)
   if not dev then return util.send(401, refused) end
-  return util.send(200, { code = 0, msg = "OK", data = { status = "online", assetId = dev.assetId, gateway = gid } })
+  if cert then ngx.ctx.raw_serials = true end
+  return util.send(200, { code = 0, msg = "OK", data = { status = "online", assetId = dev.assetId, gateway = gid,
+    certSN = cert and cert.cert_sn or nil } })
 end
 
 return M

@@ -58,5 +58,27 @@ ${SSL_LINES}
             }
         }
     }
+
+    # the device login of two-way TLS (certificate) devices: a client certificate the simulator issued
+    server {
+        listen 127.0.0.1:${MTLS_PORT} ssl;
+        ssl_certificate ${SERVER_CERT};
+        ssl_certificate_key ${SERVER_KEY};
+        ssl_client_certificate ${DEVICE_CA};
+        ssl_verify_client optional;
+        ssl_verify_depth 2;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location = /device/login {
+            content_by_lua_block {
+                require("enos_sim.server").handle_mtls()
+            }
+            log_by_lua_block {
+                require("enos_sim.server").log()
+            }
+        }
+        location / {
+            return 404;
+        }
+    }
 }
 ]==]

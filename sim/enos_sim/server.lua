@@ -6,6 +6,7 @@ local auth = require "enos_sim.auth"
 local devices = require "enos_sim.devices"
 local faults = require "enos_sim.faults"
 local admin = require "enos_sim.admin"
+local certs = require "enos_sim.certs"
 
 local M = {}
 
@@ -40,6 +41,7 @@ for _, v in ipairs { "v2.1", "v2.4" } do
   API["/connect-service/" .. v .. "/devices"] = { v, "devices" }
   API["/connect-service/" .. v .. "/device-topos"] = { v, "topos" }
 end
+API["/connect-service/v2.0/certificates"] = { "v2.0", "certificates" }
 
 function M.handle()
   local uri = ngx.var.uri
@@ -57,13 +59,25 @@ function M.handle()
   if not api then return util.gateway(404, "no Route matched with those values") end
   local args = ngx.req.get_uri_args(0)
   local action = args.action
-  local entry = type(action) == "string" and devices.action(api[2], action)
+  local entry
+  if api[2] == "certificates" then entry = type(action) == "string" and certs.ACTIONS[action]
+  else entry = type(action) == "string" and devices.action(api[2], action) end
   if not entry then return util.gateway(404, "no API matches action=" .. tostring(action)) end
-  ctx.op = action
-  faults.before(action)
+  ctx.op = api[2] == "certificates" and ("cert." .. action) or action
+  faults.before(ctx.op)
   local app = auth.verify(args)
   if not app then return end
   return devices.dispatch(entry, api[1], app, args)
+end
+
+--- The mutual-TLS listener's device login: a client certificate the simulator issued, valid, bound to the
+-- asset the triple names; then the triple's sign as on the plain login.
+function M.handle_mtls()
+  ngx.ctx.op = "login.mtls"
+  faults.before("login.mtls")
+  local asset, why = certs.client_cert_asset()
+  if not asset then return util.send(401, { code = 401, msg = "login refused: " .. why }) end
+  return devices.login { cert_asset = asset, cert_sn = why }
 end
 
 function M.log()

@@ -75,6 +75,8 @@ function M.send(status, tbl, headers)
   if type(tbl) == "table" and tbl.code ~= nil then ctx.code = tbl.code end
   if type(tbl) == "table" and tbl.code == nil then ctx.code = tbl.status or tbl.stauts end
   local body = M.encode(tbl)
+  -- certificate serials as bare JSON numbers, as the platform writes them (they pass 2^53: no double holds them)
+  if ctx.raw_serials then body = body:gsub('"certSN":"(%d+)"', '"certSN":%1') end
   local post = ctx.post_fault
   if post == "ambiguous" then
     ctx.fault = "ambiguous"

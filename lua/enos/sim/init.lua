@@ -290,17 +290,21 @@ function M.generate(opts)
   local mark = io.open(prefix .. "/" .. M.MARK, "w")
   if mark then mark:write("enos-sim prefix\n") mark:close() end
 
-  local certs
-  if opts.tls then
-    certs, err = M.make_certs(prefix .. "/conf")
-    if not certs then return nil, err end
-  end
+  -- the CA signs the server certificates and the devices' (the certificate API, the mutual-TLS login): made
+  -- at every start (three small EC operations), whether the API listener has TLS or not
+  local ca_certs
+  ca_certs, err = M.make_certs(prefix .. "/conf")
+  if not ca_certs then return nil, err end
+  local certs = opts.tls and ca_certs or nil
+  cfg.device_ca_cert, cfg.device_ca_key = ca_certs.ca, prefix .. "/conf/ca.key"
   cfg.prefix = prefix
   local cfg_file = prefix .. "/conf/sim.json"
   local wok, werr = write_file(cfg_file, cjson.encode(cfg), "600")
   if not wok then return nil, "enos-sim: cannot write " .. cfg_file .. ": " .. tostring(werr) end
 
   local port = opts.port or M.free_port()
+  local mtls_port = opts.mtls_port or M.free_port()
+  if mtls_port == port then mtls_port = M.free_port() end
   local tf = sim_dir .. "/enos_sim/nginx_conf.lua"
   local tok, tmpl = pcall(dofile, tf)
   if not tok or type(tmpl) ~= "string" then return nil, "enos-sim: cannot read " .. tf .. ": " .. tostring(tmpl) end
@@ -328,12 +332,15 @@ function M.generate(opts)
     -- device state; about 1 KiB a device: raise it (config state_dict_mb) for large fleets
     STATE_DICT = string.format("%dm", math.floor(tonumber(cfg.state_dict_mb) or 64)),
     SSL_LINES = ssl_lines,
+    MTLS_PORT = mtls_port,
+    SERVER_CERT = ca_certs.cert, SERVER_KEY = ca_certs.key, DEVICE_CA = ca_certs.ca,
   })
   write_file(prefix .. "/conf/nginx.conf", text)
   local scheme = certs and "https" or "http"
   local url = scheme .. "://127.0.0.1:" .. port
   return {
     url = url, admin_url = url .. "/__sim", ca_file = certs and certs.ca or nil,
+    mtls_url = "https://127.0.0.1:" .. mtls_port, mtls_port = mtls_port, mtls_ca = ca_certs.ca, device_ca = ca_certs.ca,
     prefix = prefix, port = port, tls = certs ~= nil, config = cfg,
     config_file = cfg_file, nginx_conf = prefix .. "/conf/nginx.conf",
     pid_file = prefix .. "/logs/nginx.pid", error_log = prefix .. "/logs/error.log",
