@@ -298,6 +298,66 @@ describe("after the replace (simulator, CLI)", function()
     end)
   end)
 
+  describe("certificate devices in a batch", function()
+    it("a csr plan column: checked before anything is sent; each row's certificate issued beside the credentials",
+      function()
+      local function csr(name)
+        H.sh(("openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s/%s.key " ..
+          "-out %s/%s.csr -subj /CN=%s 2>/dev/null"):format(dir, name, dir, name, name))
+        return name .. ".csr"                     -- (relative to the plan's directory)
+      end
+      -- the old unit of row 1 has a valid certificate
+      H.sh(("openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -keyout %s/o21.key " ..
+        "-out %s/o21.csr -subj /CN=o21 2>/dev/null"):format(dir, dir))
+      local st, body = h:call("POST", "/connect-service/v2.0/certificates", { action = "apply", orgId = ORG,
+        assetId = "S0000021" }, { csr = H.readfile(dir .. "/o21.csr"), issueAuthority = "ECC" },
+        { app = { access_key = AK, secret_key = SK } })
+      assert.equal(200, st)
+      assert.equal(0, body.code)
+      local p = dir .. "/certs.csv"
+      H.writefile(p, "productKey,deviceKey,newDeviceKey,csr\n" ..
+        "pk_demo,S-OLD-021,C-NEW-021," .. csr("n21") .. "\n" ..
+        "pk_demo,S-OLD-022,C-NEW-022," .. csr("n22") .. "\n" ..
+        "pk_demo,S-OLD-023,C-NEW-023,\n")
+      -- a row naming a missing CSR: the whole batch refused before any request
+      local bad = dir .. "/certs-bad.csv"
+      H.writefile(bad, "productKey,deviceKey,newDeviceKey,csr\npk_demo,S-OLD-021,C-NEW-021,missing.csr\n")
+      local before = #h:log()
+      local code, _, err = run { "batch", bad, "--out", dir .. "/bad-creds.csv", "--yes" }
+      assert.equal(2, code, err)
+      assert.matches("line 2: cannot read CSR", err)
+      assert.equal(before, #h:log())
+      local creds = dir .. "/certs-creds.csv"
+      code, _, err = run { "batch", p, "--out", creds, "--yes" }
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.equal(3, ops.replaceDevice)
+      assert.equal(2, ops["cert.apply"])
+      assert.equal(1, ops["cert.revoke"])             -- row 1's old certificate
+      local rows = csv_rows(creds)
+      local by = {}
+      for _, r in ipairs(rows) do by[r.deviceKey] = r end
+      for _, k in ipairs { "C-NEW-021", "C-NEW-022" } do
+        local r = by[k]
+        assert.matches("^%d+$", r.certSn)
+        assert.equal(dir .. "/certs-creds.cert-" .. k .. ".pem", r.certificateFile)
+        local pem = H.readfile(r.certificateFile)
+        assert.matches("BEGIN CERTIFICATE", pem)
+        assert.equal("600", H.sh("stat -c %a " .. r.certificateFile):match("%d+"))
+      end
+      assert.equal("", by["C-NEW-023"].certSn or "")
+      -- the new unit of row 1 logs in with its certificate; the old unit's certificate is refused
+      local d = h:device("S0000021")
+      local cert_file = dir .. "/n21.crt"
+      H.writefile(cert_file, H.readfile(by["C-NEW-021"].certificateFile))
+      st = h:cert_login("pk_demo", "C-NEW-021", d.deviceSecret, cert_file, dir .. "/n21.key")
+      assert.equal(200, st)
+      H.writefile(dir .. "/o21.crt", body.data.cert)
+      local _, b2 = h:cert_login("pk_demo", "C-NEW-021", d.deviceSecret, dir .. "/o21.crt", dir .. "/o21.key")
+      assert.matches("certificate revoked", b2.msg)
+    end)
+  end)
+
   describe("the watch when polls fail", function()
     it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
       local enos = require "enos"
