@@ -358,6 +358,46 @@ describe("after the replace (simulator, CLI)", function()
     end)
   end)
 
+  describe("from Lua", function()
+    it("workflow.replace with a CSR, tags and the gateway check; enos.fleet.audit; enos.fleet.watch's gateways",
+      function()
+      local enos = require "enos"
+      local workflow = require "enos.workflow"
+      H.sh(("openssl req -new -newkey rsa:2048 -nodes -keyout %s/l4.key -out %s/l4.csr -subj /CN=l4 2>/dev/null")
+        :format(dir, dir))
+      local c = assert(enos.client { endpoint = h.url, access_key = AK, secret_key = SK, org_id = ORG,
+        private_key_file = kp.private_file })
+      local r = assert(workflow.replace(c, { assetId = "S0000004", newDeviceKey = "L-NEW-004" },
+        { csr = H.readfile(dir .. "/l4.csr"), tags = { crew = "7" }, stamp = true, sleep = function() end }))
+      assert.is_true(r.ok, tostring(r.error))
+      assert.equal("GW000001", r.gateway.assetId)
+      assert.matches("^%d+$", r.certificates.issued)
+      local rec = r:record()
+      assert.equal(h:device("S0000004").deviceSecret, rec.deviceSecret)
+      assert.matches("BEGIN CERTIFICATE", rec.certificate)
+      assert.equal("GW000001", rec.gatewayAssetId)
+      assert.equal("7", h:device("S0000004").deviceTags.crew)
+      assert.not_matches(rec.deviceSecret, tostring(r), 1, true)
+      -- the audit sees it (stamped, never online since); the watch names its gateway once the gateway is online
+      local a = assert(enos.fleet.audit(c, { { assetId = "S0000004", since = 0, source = "lua" } }))
+      assert.equal(1, #a.pending)
+      assert.equal("S0000004", a.pending[1].assetId)
+      assert.equal(200, (h:login("pk_gateway", "GW-1", h:device("GW000001").deviceSecret)))
+      local w = assert(enos.fleet.watch(c, { { assetId = "S0000004", gateway = "GW000001" } },
+        { timeout = 0, sleep = function() end }))
+      assert.equal("timeout", w.outcome)
+      assert.equal("GW000001", w.gateways_to_fix[1].gateway)
+      assert.equal("online", w.devices[1].gateway_status)
+      -- the new triple logs in through the gateway: online, audit empty
+      assert.equal(200, (h:login_via("pk_gateway", "GW-1", "pk_demo", "L-NEW-004", rec.deviceSecret)))
+      w = assert(enos.fleet.watch(c, { { assetId = "S0000004", gateway = "GW000001" } },
+        { timeout = 0, sleep = function() end }))
+      assert.equal("online", w.outcome)
+      a = assert(enos.fleet.audit(c, { { assetId = "S0000004", since = 0 } }))
+      assert.equal(0, #a.pending)
+    end)
+  end)
+
   describe("the watch when polls fail", function()
     it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
       local enos = require "enos"
