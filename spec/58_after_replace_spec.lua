@@ -322,10 +322,18 @@ describe("after the replace (simulator, CLI)", function()
       -- a row naming a missing CSR: the whole batch refused before any request
       local bad = dir .. "/certs-bad.csv"
       H.writefile(bad, "productKey,deviceKey,newDeviceKey,csr\npk_demo,S-OLD-021,C-NEW-021,missing.csr\n")
+      H.writefile(dir .. "/key-not-csr.csv", "productKey,deviceKey,newDeviceKey,csr\n" ..
+        "pk_demo,S-OLD-021,C-NEW-021,n21.key\npk_demo,S-OLD-022,C-NEW-022,.\n")
       local before = #h:log()
       local code, _, err = run { "batch", bad, "--out", dir .. "/bad-creds.csv", "--yes" }
       assert.equal(2, code, err)
-      assert.matches("line 2: cannot read CSR", err)
+      assert.matches("certs%-bad%.csv:2: cannot read CSR", err)
+      -- --check reads the CSRs too: every bad one by line (a private key, a directory)
+      code, _, err = run { "batch", dir .. "/key-not-csr.csv", "--check" }
+      assert.equal(2, code, err)
+      assert.matches("key%-not%-csr%.csv:2: CSR [^\n]*private key", err)
+      assert.matches("key%-not%-csr%.csv:3: CSR [^\n]*is a directory", err)
+      assert.not_matches("BEGIN", err)
       assert.equal(before, #h:log())
       local creds = dir .. "/certs-creds.csv"
       code, _, err = run { "batch", p, "--out", creds, "--yes" }

@@ -27,7 +27,7 @@ M.OPTIONS = {
   results = "string", commit_ms = "number", resume = "boolean", require_secret = "boolean", progress = "any",
   plan_format = "string", reverify = "boolean", max_retry_after = "number", read_batch = "number",
   on_resume = "function", tags = "table", stamp = "boolean", subdevices = "boolean", check_certificates = "boolean",
-  cert_valid_day = "number",
+  cert_valid_day = "number", csr_dir = "string",
 }
 
 --- Default options of `run` (each may be given in `opts`).
@@ -344,46 +344,52 @@ function M.file_identity(path)
   return "path " .. path
 end
 
---- The CSR file a plan row names in its `csr` column (relative to the plan's directory), or nil.
-function M.csr_path(row_extra, src)
+--- The CSR file a plan row names in its `csr` column, or nil: relative to `csr_dir` (default: the plan's
+-- directory).
+function M.csr_path(row_extra, src, csr_dir)
   local v = row_extra and row_extra.csr
   if type(v) ~= "string" or v == "" then return nil end
   if v:sub(1, 1) == "/" then return v end
-  local dir = src.name and src.name:match("^(.*)/[^/]*$")
+  local dir = csr_dir or (src.name and src.name:match("^(.*)/[^/]*$"))
   return dir and (dir .. "/" .. v) or v
 end
 
 --- A row's CSR text, checked: pem | nil, message (naming the file).
 function M.read_csr(path)
+  local st = core.stat(path)
+  if st and st.type ~= "file" then return nil, "CSR " .. path .. " is a " .. st.type .. ", not a file" end
+  if st and st.size > 65536 then return nil, "CSR " .. path .. " is larger than 64 KiB: not a CSR" end
   local f, ferr = io.open(path, "rb")
   if not f then return nil, "cannot read CSR " .. path .. " (" .. tostring(ferr) .. ")" end
-  local pem = f:read("*a")
+  local pem = f:read(65537) or ""
   f:close()
   local ok, why = aftercare.check_csr(pem)
   if not ok then return nil, "CSR " .. path .. ": " .. why end
   return pem
 end
 
---- Checks every CSR a plan's `csr` column names: nil | an invalid_argument error naming the first bad line.
+--- Checks every CSR a plan's `csr` column names: nil | an invalid_argument error naming the first bad line
+-- (err.problems: every one, {line, message}, at most 100).
 function M.check_csrs(plan, src, o)
   local rows, close = plan_rows(plan, src.format or o.plan_format)
-  local bad, count = nil, 0
+  local problems, count = {}, 0
   for row in rows do
     if row then
-      local path = M.csr_path(row.extra, src)
+      local path = M.csr_path(row.extra, src, o.csr_dir)
       if path then
         local pem, why = M.read_csr(path)
         if not pem then
           count = count + 1
-          bad = bad or ("line %d: %s"):format(row.line, why)
+          if #problems < 100 then problems[#problems + 1] = { line = row.line, message = why } end
         end
       end
     end
   end
   close()
-  if bad then
-    return errors.new("invalid_argument", ("the plan's csr column names %d unusable CSR(s); nothing was sent. %s")
-      :format(count, bad), { field = "csr" })
+  if count > 0 then
+    return errors.new("invalid_argument", ("the plan's csr column names %d unusable CSR(s); nothing was sent. " ..
+      "line %d: %s"):format(count, problems[1].line, problems[1].message), { field = "csr", problems = problems,
+      count = count })
   end
 end
 
@@ -638,7 +644,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
   local replaced_at = nil            -- when the last replace returned (the rest of the run is its verification)
   local function run_row(row)
     local prev = by_key[row.key]
-    local cpath = has_csr and M.csr_path(row.extra, src)
+    local cpath = has_csr and M.csr_path(row.extra, src, o.csr_dir)
     if cpath then
       local pem, why = M.read_csr(cpath)
       if not pem then
@@ -649,7 +655,7 @@ function M._run_checked(client, plan, o, src, jpath, rpath)
       end
       row.csr = pem
     end
-    if prev and prev.state == "replaced" and not reverify then
+    if prev and prev.state == "replaced" then            -- (reverify or not: the finish reads the device back)
       return finish_after(row, prev, "done")
     end
     local back = row.back            -- (the reader's read-back of a row the journal left in flight, or reverified)

@@ -205,6 +205,20 @@ function run_plan(c, args, h, plan_path, plan_name)
     if args.json then c.out(out.json({ ok = false, rows = chk.rows, errors = chk.errors }, true) .. "\n") end
     return EXIT.usage
   end
+  -- the plan's csr column: every CSR file read and checked too (relative to the plan's directory; stdin: the
+  -- current directory)
+  args.csr_dir = plan_name == "stdin" and "." or (plan_path:match("^(.*)/[^/]*$") or ".")
+  for _, col in ipairs(chk.extra_columns or {}) do
+    if col == "csr" then
+      local bad = batch.check_csrs(plan_path, { name = plan_path }, { csr_dir = args.csr_dir })
+      if bad then
+        for _, p in ipairs(bad.problems) do c.err(string.format("%s:%d: %s\n", plan_name, p.line, p.message)) end
+        if bad.count > #bad.problems then c.err(string.format("… and %d more\n", bad.count - #bad.problems)) end
+        h.say(c, "the plan's csr column names %d unusable CSR(s); nothing was sent", bad.count)
+        return EXIT.usage
+      end
+    end
+  end
   if args.check then
     c.err(string.format("%s: %d row(s), no errors\n", plan_name, chk.rows))
     if args.json then c.out(out.json({ ok = true, rows = chk.rows }, true) .. "\n") end
@@ -308,7 +322,7 @@ function run_plan(c, args, h, plan_path, plan_name)
     results = args.results, resume = args.resume, require_secret = require_secret and true or false,
     progress = progress, reverify = args.reverify or nil, max_retry_after = args.max_retry_after,
     read_batch = args.read_batch, tags = args.tags, stamp = args.stamp or nil, subdevices = args.subdevices or nil,
-    check_certificates = args.check_certificates or nil, cert_valid_day = args.cert_days,
+    check_certificates = args.check_certificates or nil, cert_valid_day = args.cert_days, csr_dir = args.csr_dir,
     on_resume = function(r)
       if r.reverify then
         h.say(c, "resuming: %d of %d rows are done in the journal; --reverify reads them back first", r.done, r.total)

@@ -58,7 +58,7 @@ local function devices_of(path, by)
     local st, jerr = journal_mod.read(path)
     if not st then return nil, jerr end
     for _, rec in pairs(st.by_key) do
-      if rec.state == "done" then
+      if rec.state == "done" or rec.state == "replaced" then      -- (replaced: a step after it is left)
         list[#list + 1] = { assetId = rec.assetId, productKey = rec.productKey, deviceKey = rec.newDeviceKey,
           since = rec.ts, line = tonumber(rec.line) or 0,
           gateway = type(rec.gateway) == "table" and rec.gateway.assetId or nil }
