@@ -71,7 +71,7 @@ complete -c enos-replace -n '__fish_enos-replace_seen_command device' -s y -l ye
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l skip-free-check -d 'Do not search that the new key is free before replacing'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l max-attempts -r -d 'Replace attempts in all when the outcome is unknown (default 3)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l max-retry-after -r -d 'The longest Retry-After (s) honoured when throttled (default 300)'
-complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l finish -d 'The device was replaced before (it has the new key): do what is left (secret, certificate, gateway link, tags) without replacing again'
+complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l finish -d 'The device was replaced before (it has the new key): do what is left (secret, certificate, gateway link, tags) without replacing again; refused when the device does not have the new key'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l no-gateway-check -d 'Do not ask for the device\'s gateway (a sub-device\'s link is then not checked)'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l csr -r -d 'The new unit\'s certificate signing request (PEM): after the replace, the old unit\'s certificates are revoked and one is issued for it, into --out'
 complete -c enos-replace -n '__fish_enos-replace_seen_command device' -l cert-days -r -d 'The new certificate\'s validity in days (default 730)'

@@ -33,7 +33,7 @@ _enos-replace() {
         "--skip-free-check[Do not search that the new key is free before replacing]"
         "--max-attempts[Replace attempts in all when the outcome is unknown (default 3)]: :_files"
         "--max-retry-after[The longest Retry-After (s) honoured when throttled (default 300)]: :_files"
-        "--finish[The device was replaced before (it has the new key)\: do what is left (secret, certificate, gateway link, tags) without replacing again]"
+        "--finish[The device was replaced before (it has the new key)\: do what is left (secret, certificate, gateway link, tags) without replacing again; refused when the device does not have the new key]"
         "--no-gateway-check[Do not ask for the device's gateway (a sub-device's link is then not checked)]"
         "--csr[The new unit's certificate signing request (PEM)\: after the replace, the old unit's certificates are revoked and one is issued for it, into --out]: :_files"
         "--cert-days[The new certificate's validity in days (default 730)]: :_files"

@@ -949,6 +949,11 @@ describe("enos.workflow.replace: the steps after the replace", function()
     local _, err = workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",
       newDeviceKey = "crt_new_07" }, fast { csr = csr, out = out, overwrite = true })
     assert.matches("finish", err.message, 1, true)
+    -- finish on another key than the device has: refused, nothing sent but reads
+    local _, ferr = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "crt_typo_07" },
+      fast { csr = csr, out = out, overwrite = true, finish = true })
+    assert.equal("conflict", ferr.kind)
+    assert.matches("nothing to finish", ferr.message, 1, true)
     -- finish: no second replace, no second revoke, the certificate issued (ECC, from the CSR's key)
     local replaces = F.count("replaceDevice")
     local r2 = assert(workflow.replace(c, { productKey = "pk_demo", deviceKey = "crt_old_07",

@@ -637,6 +637,12 @@ local function preflight(ctx, client, target, known)
     return nil, e
   end
   local pkind, pmsg, pfields = M.device_problem(dev, target)
+  if o.finish and dev.deviceKey ~= target.newDeviceKey then
+    -- finish replaces nothing: a device without the new key was not replaced (or was changed since)
+    return refuse("conflict", "finish: device " .. tostring(dev.assetId) .. " has key " .. tostring(dev.deviceKey) ..
+      ", not " .. target.newDeviceKey .. ": it was not replaced with that key, so there is nothing to finish " ..
+      "(run it without finish to replace it); nothing was changed", { found_key = dev.deviceKey })
+  end
   if pkind and o.finish and dev.deviceKey == target.newDeviceKey then
     ctx.finishing = true           -- replaced before: only what is left is done
   elseif pkind then

@@ -114,7 +114,7 @@ local function build_parser(state)
     d:option("--max-attempts", "Replace attempts in all when the outcome is unknown (default 3)."):argname("<n>"),
     d:option("--max-retry-after", "The longest Retry-After (s) honoured when throttled (default 300)."):argname("<s>"),
     d:flag("--finish", "The device was replaced before (it has the new key): do what is left (secret, certificate, " ..
-      "gateway link, tags) without replacing again."),
+      "gateway link, tags) without replacing again; refused when the device does not have the new key."),
     d:flag("--no-gateway-check", "Do not ask for the device's gateway (a sub-device's link is then not checked).")
   )
   d:group("Certificates (two-way TLS products)",
