@@ -40,6 +40,25 @@ function M.check_csr(pem)
   return nil, "its key is neither RSA nor EC (EnOS takes RSA 2048 or EC P-256)"
 end
 
+--- The largest CSR file read (a CSR is a few KiB).
+M.CSR_MAX = 65536
+
+--- Reads and checks a CSR file: pem, authority | nil, message (naming the file). Only a regular file of at most
+-- CSR_MAX bytes is read (a device such as /dev/zero, a FIFO or a directory is refused without reading it).
+function M.read_csr(path)
+  local st = core.stat(path)
+  if not st then return nil, "cannot read CSR " .. path .. " (no such file)" end
+  if st.type ~= "file" then return nil, "CSR " .. path .. " is a " .. st.type .. ", not a file" end
+  if st.size > M.CSR_MAX then return nil, "CSR " .. path .. " is larger than 64 KiB: not a CSR" end
+  local f, ferr = io.open(path, "rb")
+  if not f then return nil, "cannot read CSR " .. path .. " (" .. tostring(ferr) .. ")" end
+  local pem = f:read(M.CSR_MAX + 1) or ""
+  f:close()
+  local authority, why = M.check_csr(pem)
+  if not authority then return nil, "CSR " .. path .. ": " .. why end
+  return pem, authority
+end
+
 -- A read, retried by the caller's `read` wrapper when given (the workflow's backoff), else sent once.
 local function read(o, fn, ...)
   if o.read then return o.read(fn, ...) end

@@ -354,18 +354,9 @@ function M.csr_path(row_extra, src, csr_dir)
   return dir and (dir .. "/" .. v) or v
 end
 
---- A row's CSR text, checked: pem | nil, message (naming the file).
+--- A row's CSR text, checked: pem | nil, message (naming the file). See enos.aftercare.read_csr.
 function M.read_csr(path)
-  local st = core.stat(path)
-  if st and st.type ~= "file" then return nil, "CSR " .. path .. " is a " .. st.type .. ", not a file" end
-  if st and st.size > 65536 then return nil, "CSR " .. path .. " is larger than 64 KiB: not a CSR" end
-  local f, ferr = io.open(path, "rb")
-  if not f then return nil, "cannot read CSR " .. path .. " (" .. tostring(ferr) .. ")" end
-  local pem = f:read(65537) or ""
-  f:close()
-  local ok, why = aftercare.check_csr(pem)
-  if not ok then return nil, "CSR " .. path .. ": " .. why end
-  return pem
+  return aftercare.read_csr(path)
 end
 
 --- Checks every CSR a plan's `csr` column names: nil | an invalid_argument error naming the first bad line

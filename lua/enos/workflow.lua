@@ -908,7 +908,9 @@ local function fetch_secret(ctx, client, target)
         new.deviceSecret = d.deviceSecret
         new.encrypted = d.encrypted and { deviceSecret = d.encrypted.deviceSecret, sessionKey = d.encrypted.sessionKey }
         new.decrypt_error = nil
-        ctx:warn("the replace reply's secret was not usable (" .. tostring(why) .. "); read it with Get Device")
+        if not ctx.finishing then
+          ctx:warn("the replace reply's secret was not usable (" .. tostring(why) .. "); read it with Get Device")
+        end
         ctx:finish(s, "ok", "read with Get Device requireSecret (read %d)", i)
         return true
       end
@@ -1112,9 +1114,13 @@ function M.after_plan(ctx, o)
   local out = {}
   if ctx.gateway then out[#out + 1] = "check the link to gateway " .. ctx.gateway.assetId .. " (add it back if dropped)" end
   local c = ctx.report.certificates
+  if ctx.finishing then
+    out[#out + 1] = "nothing is replaced again (the device has the new key): its secret is read back"
+  end
   if o.csr then
     out[#out + 1] = "revoke " .. (c and c.valid_before or "the") .. " valid certificate(s) (superseded), then issue " ..
-      "one for the new unit's CSR (" .. tostring(o.cert_authority) .. ", " .. o.cert_valid_day .. " days)"
+      "one for the new unit's CSR (" .. tostring(o.cert_authority) .. ", " .. o.cert_valid_day .. " days)" ..
+      (ctx.finishing and " unless the one issued for its key is still valid" or "")
   end
   if o.tags and next(o.tags) or o.stamp then
     local names = {}
@@ -1278,6 +1284,7 @@ function M.replace(client, target, opts, known)
       assetId = dev.assetId, productKey = dev.productKey, deviceKey = dev.deviceKey, status = dev.status,
       productType = dev.productType, newDeviceKey = t.newDeviceKey, require_secret = ctx.require_secret,
       out = o.out, subdevices = ctx.subs_before and #ctx.subs_before or nil, gateway = report.gateway,
+      finishing = ctx.finishing,
       after = M.after_plan(ctx, o),
     }
     local asked_at = ctx:now()

@@ -107,12 +107,16 @@ function M.run(c, args, h)
     return h.report_error(c, args, err, k == "invalid_argument" and EXIT.usage or
       ((k == "config" or k == "auth" or k == "permission") and EXIT.config or EXIT.network))
   end
+  local row = "%-12s %-16s %-24s %-9s %9s  %s%s\n"
+  if not args.json and #r.pending > 0 then
+    c.out(row:format("assetId", "productKey", "deviceKey", "status", "age", "source", ""))
+  end
   for _, p in ipairs(r.pending) do
     if args.json then
       c.out(out.json { assetId = p.assetId, productKey = p.productKey, deviceKey = p.deviceKey, status = p.status,
         replaced_ms = p.since, age = p.age and math.floor(p.age) or nil, source = p.source, gateway = p.gateway } .. "\n")
     else
-      c.out(("%-12s %-16s %-24s %-9s %9s  %s%s\n"):format(errors.clean(tostring(p.assetId)),
+      c.out(row:format(errors.clean(tostring(p.assetId)),
         errors.clean(tostring(p.productKey)), errors.clean(tostring(p.deviceKey)), tostring(p.status),
         fmt_age(p.age), errors.clean(tostring(p.source)), p.gateway and ("  behind gateway " .. errors.clean(p.gateway)) or ""))
     end

@@ -406,12 +406,9 @@ local function cmd_device(c, args)
   if not number_arg(c, args, "cert_days", "--cert-days", true) then return EXIT.usage end
   local csr
   if args.csr then
-    local f, ferr = io.open(args.csr, "rb")
-    if not f then say(c, "--csr: cannot read %s (%s)", args.csr, tostring(ferr)) return EXIT.usage end
-    csr = f:read("*a")
-    f:close()
-    local ok, why = require("enos.aftercare").check_csr(csr)
-    if not ok then say(c, "--csr %s: %s", args.csr, why) return EXIT.usage end
+    local why
+    csr, why = require("enos.aftercare").read_csr(args.csr)
+    if not csr then say(c, "--csr: %s", why) return EXIT.usage end
     if not args.out and not args.dry_run then
       say(c, "--csr needs --out FILE: the new certificate is delivered with the credentials record")
       return EXIT.usage

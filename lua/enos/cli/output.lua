@@ -202,7 +202,12 @@ end
 
 --- The plan shown before a replace.
 function M.plan_text(plan, endpoint, org)
-  local lines = {
+  local lines = plan.finishing and {
+    string.format("About to finish a replace made before, on %s (org %s):", clean(endpoint), clean(org)),
+    string.format("  asset        %s (%s, %s)", clean(plan.assetId), clean(plan.productKey), clean(plan.productType)),
+    string.format("  key          %s already (nothing is replaced again)", clean(plan.newDeviceKey)),
+    string.format("  status       %s", clean(plan.status)),
+  } or {
     string.format("About to replace a device key on %s (org %s):", clean(endpoint), clean(org)),
     string.format("  asset        %s (%s, %s)", clean(plan.assetId), clean(plan.productKey), clean(plan.productType)),
     string.format("  key          %s  ->  %s", clean(plan.deviceKey), clean(plan.newDeviceKey)),
@@ -273,7 +278,7 @@ function M.report_text(r, show_secret)
     if r.certificates and (r.certificates.issued or (r.certificates.revoked and #r.certificates.revoked > 0)) then
       local c = r.certificates
       add("certificate", string.format("%s %s; %d old revoked (superseded)%s", c.reused and "kept" or "issued",
-        tostring(c.issued or "none"), #(c.revoked or {}), r.delivered and " ; in " .. r.delivered.path or ""))
+        tostring(c.issued or "none"), #(c.revoked or {}), r.delivered and ("; in " .. r.delivered.path) or ""))
     end
     if r.tags then
       local names = {}
