@@ -192,6 +192,8 @@ describe("after the replace (simulator, CLI)", function()
       local cases = {
         { { "--csr", dir .. "/nope.csr", "--out", dir .. "/o1.json" }, "cannot read" },
         { { "--csr", dir .. "/u.key", "--out", dir .. "/o2.json" }, "private key" },
+        { { "--csr", "/dev/zero", "--out", dir .. "/o2b.json" }, "is a char device, not a file" },
+        { { "--csr", dir, "--out", dir .. "/o2c.json" }, "is a directory, not a file" },
         { { "--csr", dir .. "/u.csr" }, "--csr needs --out" },
         { { "--cert-days", "30", "--out", dir .. "/o3.json" }, "--cert-days goes with --csr" },
         { { "--csr", dir .. "/u.csr", "--cert-days", "0", "--out", dir .. "/o4.json" }, "--cert-days must be" },
