@@ -408,6 +408,46 @@ describe("after the replace (simulator, CLI)", function()
     end)
   end)
 
+  describe("a crash during the steps after the replace", function()
+    it("kill -9 while rows are being tagged, then --resume: each device replaced once, tagged, every secret kept",
+      function()
+      local INTERP = type(jit) == "table" and "luajit" or "lua5.4"
+      local function q(v) return "'" .. tostring(v):gsub("'", "'\\''") .. "'" end
+      local rows = {}
+      for i = 24, 29 do rows[#rows + 1] = { "pk_demo", ("S-OLD-%03d"):format(i), ("K-NEW-%03d"):format(i), "x" } end
+      local p = plan("kill.csv", rows)
+      local creds = dir .. "/kill-creds.csv"
+      -- the platform holds every Update Device for 3 s: the process dies among the tag steps
+      h:admin("POST", "/faults", { match = "update", latency_ms = 3000 })
+      local before = #h:log()
+      local penv = ("ENOS_ENDPOINT=%s ENOS_ACCESS_KEY=%s ENOS_SECRET_KEY=%s ENOS_ORG_ID=%s ENOS_PRIVATE_KEY_FILE=%s " ..
+        "ENOS_CONFIG=/nonexistent"):format(q(h.url), AK, SK, ORG, q(kp.private_file))
+      os.execute(("env %s %s bin/enos-replace batch %s --out %s --stamp --concurrency 3 --yes </dev/null " ..
+        ">/dev/null 2>&1 & pid=$!; sleep 2.5; kill -9 $pid; wait $pid 2>/dev/null"):format(penv, INTERP, q(p), q(creds)))
+      h:admin("DELETE", "/faults")
+      local j = H.readfile(p .. ".journal")
+      local _, replaced = j:gsub('"state":"replaced"', "")
+      assert.is_true(replaced >= 1, "no row reached its steps after the replace before the kill")
+      assert.is_nil(j:find('"state":"done"', 1, true))
+      local code, _, err = run { "batch", p, "--out", creds, "--stamp", "--resume", "--yes" }
+      assert.equal(0, code, err)
+      local ops = ops_since(before)
+      assert.equal(6, ops.replaceDevice)            -- each device once, the killed run's and the resume's together
+      local got = {}
+      for _, r in ipairs(csv_rows(creds)) do
+        assert.is_nil(got[r.deviceKey], "twice in the credentials: " .. r.deviceKey)
+        got[r.deviceKey] = true
+        assert.equal(h:device(r.assetId).deviceSecret, r.deviceSecret)
+      end
+      for i = 24, 29 do
+        local d = h:device(("S%07d"):format(i))
+        assert.equal(("K-NEW-%03d"):format(i), d.deviceKey)
+        assert.equal(("S-OLD-%03d"):format(i), d.deviceTags.replacedFrom)
+        assert.is_true(got[d.deviceKey])
+      end
+    end)
+  end)
+
   describe("the watch when polls fail", function()
     it("a failed poll leaves the status unknown and the watch goes on; a refused key stops it (exit 3)", function()
       local enos = require "enos"
