@@ -1005,6 +1005,9 @@ describe("enos.workflow.replace: the steps after the replace", function()
     _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "tag_new_08b" },
       fast { tags = { note = "it's" } })
     assert.equal("tags", err.field)
+    _, err = workflow.replace(c, { assetId = d.assetId, newDeviceKey = "tag_new_08b" },
+      fast { tags = { note = "bad \255 byte" } })
+    assert.equal("tags", err.field)
     assert.equal(n, #F.stub.requests)
   end)
 end)

@@ -173,8 +173,8 @@ function M.tag_problem(k, v)
   if type(k) ~= "string" or not k:match("^[%a_][%w_]*$") or #k > 64 then
     return "tag name " .. tostring(k) .. " must be letters, digits and _ (not starting with a digit), at most 64"
   end
-  if type(v) ~= "string" or #v > 256 or v:find("[%z\1-\31\127'\"]") then
-    return "tag " .. k .. ": the value must be printable text of at most 256 bytes without quotes"
+  if type(v) ~= "string" or #v > 256 or v:find("[%z\1-\31\127'\"]") or not require("enos.json").valid_utf8(v) then
+    return "tag " .. k .. ": the value must be printable UTF-8 text of at most 256 bytes without quotes"
   end
   return nil
 end
